@@ -1,0 +1,84 @@
+"""Command line: `qapollo train|plan|export|tokenizer|plot …` (run_7b.py is `qapollo train` with the 7B config).
+
+Bad input ends with one line `error: …` naming the problem and the fix, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .layerwise import UpdateCheckError
+    from .train import TrainError
+    errs = [ConfigError, UpdateCheckError, TrainError, FileNotFoundError]
+    try:
+        from .data import DataError
+        errs.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from .checkpoint import CheckpointError
+        errs.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def cmd_train(argv: list[str], default_config: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qapollo train", description="Pre-train a LLaMA with int8 weights and APOLLO-Mini.")
+    ap.add_argument("--config", default=default_config, help="YAML run config (default: %(default)s)")
+    ap.add_argument("--resume", default=None, help="checkpoint dir, run dir, or 'auto'")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005 train.max_steps=200")
+    args = ap.parse_args(argv)
+    from .config import load_config
+    from .train import train
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, progress=not args.no_progress)
+    print(f"done: step {result['step']}, loss {result['loss']:.4f}, tokens {result['tokens']}")
+    return 0
+
+
+def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train", "plan", "export", "tokenizer", "plot"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: qapollo {train,plan,export,tokenizer,plot} ...\n"
+              "  train      pre-train a LLaMA (qapollo train --config configs/llama_20m.yaml key=value ...)\n"
+              "  plan       print the memory plan of a config before allocating anything\n"
+              "  export     write an HF-loadable bf16 model from a checkpoint\n"
+              "  tokenizer  train a sentencepiece BPE tokenizer (qapollo tokenizer train CORPUS... --vocab N OUT/)\n"
+              "  plot       draw loss/eval curves of runs from their metrics.jsonl")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "train":
+            return cmd_train(rest, default_config)
+        if cmd == "tokenizer":
+            from .tokenizer import tokenizer_main
+            return tokenizer_main(rest)
+        if cmd == "plan":
+            from .memory import plan_main
+            return plan_main(rest)
+        if cmd == "export":
+            from .export import export_main
+            return export_main(rest)
+        if cmd == "plot":
+            from .plot import plot_main
+            return plot_main(rest)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

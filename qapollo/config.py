@@ -1,0 +1,278 @@
+"""Run configuration: typed sections, YAML files, dotted command-line overrides.
+
+A config file has the sections `model`, `optim`, `train`, `data`, `eval`. Unknown keys and values of
+the wrong type are errors (a typo must never be silently ignored). This module imports nothing of ours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message says what and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    # LLaMA shape (the HF LlamaConfig names)
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    vocab_size: int = 32000
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    # int8 weights for the attention/MLP projections (false: ordinary floating-point weights)
+    weight_quant: bool = True
+    group_size: int = 128
+    stochastic_round: bool = True
+    activation_checkpointing: bool = False
+    # dtype of float params (embeddings, norms, lm_head) and of compute: auto = bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    # apollo_mini (tensor, rank 1) | apollo (channel) | adamw (torch AdamW on every tensor, baseline)
+    name: str = "apollo_mini"
+    lr: float = 0.01
+    rank: int = 1
+    scale: float = 128.0
+    scale_type: str = "tensor"  # tensor | channel
+    proj: str = "random"
+    update_proj_gap: int = 200
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    norm_growth_limit: float = 1.01  # gamma of the norm-growth limiter; 0 disables it
+    # optimizer of the float tensors (embeddings, norms, lm_head): adam8bit (bitsandbytes) | adamw (torch)
+    float_optim: str = "adam8bit"
+    float_lr: float | None = None  # None: same lr as the matrices
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    save_total_limit: int = 2
+    log_every: int = 10
+    output_dir: str = "checkpoints"
+    run_name: str = ""  # empty: derived from the config file name
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    check_updates: bool = True  # startup guard: every trainable tensor must change in the first step
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # local files: .txt/.jsonl/.parquet (+.gz/.xz), globs, comma separated
+    dataset: str | None = None  # datasets.load_dataset name or local dataset directory
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    text_field: str = "text"
+    max_tokens: int | None = None  # cap on tokens taken from the source (streaming datasets)
+    tokenizer: str | None = None  # None: the shipped 32k LLaMA-layout sentencepiece model
+    cache_dir: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: never
+    tokens: int = 65536
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: str | None = None  # checkpoint dir, run dir, or "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "data": DataConfig,
+            "eval": EvalConfig}
+TOP_LEVEL = {"resume"}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check/convert one value against the declared type (str → int/float/bool for CLI overrides)."""
+    allowed = [t for t in getattr(typ, "__args__", (typ,))]
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key '{key}' may not be null")
+    for t in allowed:
+        if t is type(None):
+            continue
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif t is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+    if isinstance(value, str) and type(None) in allowed and value.lower() in ("null", "none", ""):
+        return None
+    names = "/".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] in TOP_LEVEL:
+        cfg.resume = _coerce(value, str | None, dotted)
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"unknown config key '{dotted}': use section.key with a section in "
+                          f"{sorted(SECTIONS)} (e.g. optim.lr=0.005)")
+    section = getattr(cfg, parts[0])
+    hints = get_type_hints(type(section))
+    if parts[1] not in hints:
+        valid = ", ".join(f.name for f in fields(section))
+        raise ConfigError(f"unknown config key '{dotted}'; valid keys of '{parts[0]}': {valid}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+
+
+def _flatten(d: dict, where: str) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k in TOP_LEVEL:
+            out[k] = v
+        elif isinstance(v, dict) and k in SECTIONS:
+            for kk, vv in v.items():
+                out[f"{k}.{kk}"] = vv
+        else:
+            raise ConfigError(f"unknown config section '{k}' in {where}; expected {sorted(SECTIONS)}")
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.max_steps=200)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file ← dotted overrides; then validation."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config "
+                              f"(see configs/)")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of sections")
+        for k, v in _flatten(raw, path).items():
+            _set(cfg, k, v)
+        if not cfg.train.run_name:
+            cfg.train.run_name = os.path.splitext(os.path.basename(path))[0]
+    for o in overrides:
+        _set(cfg, *parse_override(o))
+    if not cfg.train.run_name:
+        cfg.train.run_name = "run"
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    for k, v in _flatten(d, "config").items():
+        _set(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+    need(o.name in ("apollo_mini", "apollo", "adamw"), f"optim.name must be apollo_mini, apollo or adamw, got '{o.name}'")
+    need(o.scale_type in ("tensor", "channel"), f"optim.scale_type must be tensor or channel, got '{o.scale_type}'")
+    need(o.proj == "random", f"optim.proj must be 'random' (the only projection implemented), got '{o.proj}'")
+    need(o.float_optim in ("adam8bit", "adamw"), f"optim.float_optim must be adam8bit or adamw, got '{o.float_optim}'")
+    need(o.rank >= 1, "optim.rank must be >= 1")
+    need(o.update_proj_gap >= 1, "optim.update_proj_gap must be >= 1")
+    need(o.lr > 0, "optim.lr must be > 0")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+    need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size must be divisible by model.num_attention_heads")
+    need(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype must be auto/float32/bfloat16/float16, got '{m.dtype}'")
+    if m.weight_quant:
+        need(m.group_size > 0 and m.hidden_size % m.group_size == 0 and m.intermediate_size % m.group_size == 0,
+             f"model.group_size {m.group_size} must divide hidden_size {m.hidden_size} and intermediate_size "
+             f"{m.intermediate_size} (int8 groups run along the input dimension)")
+        need(o.name != "adamw", "optim.name=adamw needs float weights: set model.weight_quant=false")
+    need(t.batch_size >= 1 and t.seq_len >= 2, "train.batch_size must be >= 1 and train.seq_len >= 2")
+    need(t.seq_len <= m.max_position_embeddings, f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
+    need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+    need(t.max_steps >= 1, "train.max_steps must be >= 1")
+
+
+# Keys whose change makes a checkpoint incompatible (model shape, optimizer kind); everything else
+# (max_steps, logging, eval, lr schedule length) may change on resume.
+ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers", "model.num_attention_heads",
+             "model.num_key_value_heads", "model.vocab_size", "model.weight_quant", "model.group_size",
+             "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "train.batch_size", "train.seq_len")
+
+
+def arch_dict(cfg: Config) -> dict:
+    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+    return {k: flat[k] for k in ARCH_KEYS}
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(arch_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

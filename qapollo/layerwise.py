@@ -1,0 +1,225 @@
+"""Optimizer steps taken per tensor inside backward, so no full-model gradient ever exists.
+
+Every trainable tensor gets one updater:
+  * projection matrices (int8 `Int8Linear` or float `nn.Linear.weight`): APOLLO / APOLLO-Mini
+    (optim/apollo.py), or torch AdamW for the `adamw` baseline;
+  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW).
+
+int8 matrices get their gradient from `Int8Linear`'s backward (uint8 tensors cannot carry autograd
+hooks); float tensors through `register_post_accumulate_grad_hook`. Each hook updates the tensor and
+drops the gradient at once. The learning rate is a pure function of the one global step counter, so
+every tensor sees the same schedule, exactly once per optimizer step, starting above zero.
+
+Gradient accumulation: on all micro-batches but the last the hooks only accumulate; on the last they
+add the accumulated part and step. (This keeps one full gradient resident between micro-batches: the
+price of accumulation with in-backward updates.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import quant
+from .model import Int8Linear, int8_modules, matrix_names, tensor_seed
+from .optim import apollo
+
+
+class UpdateCheckError(RuntimeError):
+    """A trainable tensor did not change, or did not get a gradient, in an optimizer step."""
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup then cosine to min_lr_ratio·lr. `step` is 0 for the first update, whose lr is > 0."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class ApolloUpdater:
+    """APOLLO / APOLLO-Mini on one matrix, int8 (dequant → update → requant in fp32) or float."""
+
+    def __init__(self, name: str, target, ocfg, seed: int, stochastic: bool):
+        self.name, self.target, self.o = name, target, ocfg
+        self.stochastic = stochastic
+        self.sr_seed = tensor_seed(seed, "sr:" + name)
+        shape = target.shape if isinstance(target, Int8Linear) else tuple(target.shape)
+        device = target.weight_codes.device if isinstance(target, Int8Linear) else target.device
+        self.state = apollo.init_state(tuple(shape), ocfg.rank, tensor_seed(seed, "proj:" + name), device)
+
+    def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+        o = self.o
+        c = apollo.apollo_multiplier(grad, self.state, rank=o.rank, scale_type=o.scale_type,
+                                     update_proj_gap=o.update_proj_gap, beta1=o.beta1, beta2=o.beta2,
+                                     eps=o.eps, norm_growth_limit=o.norm_growth_limit)
+        alpha = math.sqrt(o.scale)
+        wd = o.weight_decay
+
+        def delta(rows: slice, w: torch.Tensor) -> torch.Tensor:
+            cr = c[rows] if c.dim() and c.shape[0] > 1 else c
+            d = grad[rows].float().mul_(cr).mul_(-lr * alpha)
+            if wd:
+                # decoupled weight decay on the updated weight, as in the reference
+                d.add_(w + d, alpha=-lr * wd)
+            return d
+
+        if isinstance(self.target, Int8Linear):
+            t = self.target
+            gen = None
+            if self.stochastic:
+                # Rounding noise is a function of (seed, tensor, step): reproducible, order-independent,
+                # and nothing to save for resume.
+                gen = torch.Generator(device=t.weight_codes.device)
+                gen.manual_seed(tensor_seed(self.sr_seed, str(self.state["step"])))
+            return quant.update_quantized_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, delta,
+                                           self.stochastic, gen, count_changes)
+        p = self.target
+        before = p.detach().clone() if count_changes else None
+        with torch.no_grad():
+            new = p.float()
+            new += delta(slice(None), new)
+            p.copy_(new)
+        return int((p != before).sum()) if count_changes else 0
+
+
+class TorchAdamUpdater:
+    """One float tensor with a per-tensor optimizer: bitsandbytes 8-bit Adam or torch AdamW."""
+
+    def __init__(self, name: str, param: nn.Parameter, kind: str, ocfg, weight_decay: float):
+        self.name, self.param = name, param
+        betas = (ocfg.beta1, ocfg.beta2)
+        if kind == "adam8bit":
+            import bitsandbytes as bnb  # used as a library, never subclassed
+            self.opt = bnb.optim.AdamW8bit([param], lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
+        else:
+            self.opt = torch.optim.AdamW([param], lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
+
+    def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+        p = self.param
+        p.grad = grad
+        before = p.detach().clone() if count_changes else None
+        self.opt.param_groups[0]["lr"] = lr
+        self.opt.step()
+        p.grad = None
+        return int((p.detach() != before).sum()) if count_changes else 0
+
+
+class LayerwiseOptimizer:
+    """Owns the updaters, the global step and the hooks that run them inside backward."""
+
+    def __init__(self, model: nn.Module, ocfg, max_steps: int, seed: int = 0, stochastic_round: bool = True):
+        self.model, self.o, self.max_steps = model, ocfg, max_steps
+        self.step_count = 0  # optimizer steps done
+        self.updaters: dict[str, object] = {}
+        self.lr = 0.0
+        self.hooks_enabled = True  # False: only accumulate (earlier micro-batches, two-phase tests)
+        self.count_changes = False
+        self._fired: dict[str, int] = {}
+        self._changed: dict[str, int] = {}
+        self._handles = []
+        mats = matrix_names(model)
+        float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
+        self.float_lr_scale = float_lr_scale
+        self._is_matrix: dict[str, bool] = {}
+        for name, mod in int8_modules(model):
+            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round)
+            self._is_matrix[name] = True
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name in mats and ocfg.name != "adamw":
+                self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False)
+                self._is_matrix[name] = True
+            elif name in mats:
+                self.updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
+                self._is_matrix[name] = True
+            else:
+                kind = "adamw" if ocfg.name == "adamw" else ocfg.float_optim
+                self.updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0)
+                self._is_matrix[name] = False
+        self._attach()
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        for name, mod in int8_modules(self.model):
+            mod.grad_hook = self._int8_hook
+        for name, p in self.model.named_parameters():
+            if name in self.updaters:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_float_hook(name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for _, mod in int8_modules(self.model):
+            mod.grad_hook = None
+
+    def _int8_hook(self, mod: Int8Linear, grad: torch.Tensor) -> None:
+        if mod.weight_grad is not None:  # earlier micro-batches of this step
+            grad = grad + mod.weight_grad
+            mod.weight_grad = None
+        if not self.hooks_enabled:
+            mod.weight_grad = grad
+            return
+        self._run(mod.param_name, grad)
+
+    def _make_float_hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if not self.hooks_enabled or p.grad is None:
+                return  # .grad keeps accumulating until the last micro-batch
+            grad, p.grad = p.grad, None
+            self._run(name, grad)
+        return hook
+
+    def _run(self, name: str, grad: torch.Tensor) -> None:
+        lr = self.lr if self._is_matrix[name] else self.lr * self.float_lr_scale
+        changed = self.updaters[name].step(grad, lr, self.count_changes)
+        self._fired[name] = self._fired.get(name, 0) + 1
+        self._changed[name] = self._changed.get(name, 0) + changed
+
+    # ---- step bookkeeping ----------------------------------------------------------------------
+    def current_lr(self) -> float:
+        o = self.o
+        return lr_at(self.step_count, o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio)
+
+    def begin_step(self, last_micro: bool = True, check: bool = False) -> None:
+        """Call before each micro-batch's backward; `last_micro` makes its hooks step."""
+        self.lr = self.current_lr()
+        self.hooks_enabled = last_micro
+        self.count_changes = check
+        if last_micro:
+            self._fired, self._changed = {}, {}
+
+    def end_step(self, check: bool = False) -> None:
+        """Call after the last micro-batch's backward: verify every tensor stepped once, count the step."""
+        missing = [n for n in self.updaters if self._fired.get(n, 0) != 1]
+        if missing:
+            raise UpdateCheckError(
+                f"{len(missing)} trainable tensor(s) got no gradient (or more than one) in step "
+                f"{self.step_count + 1}: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if check:
+            frozen = [n for n in self.updaters if self._changed.get(n, 0) == 0]
+            if frozen:
+                raise UpdateCheckError(
+                    f"startup check failed: {len(frozen)} trainable tensor(s) did not change in the first "
+                    f"update: {', '.join(frozen[:8])}{' …' if len(frozen) > 8 else ''}. The run would silently "
+                    f"train nothing there; check the lr ({self.lr:g}) and the hooks, or set "
+                    f"train.check_updates=false to skip this check")
+        self.count_changes = False
+        self.step_count += 1
+
+    def step_pending(self) -> None:
+        """Two-phase update: apply every accumulated gradient now (used by tests and as a reference)."""
+        self.hooks_enabled = True
+        self._fired, self._changed = {}, {}
+        for name, mod in int8_modules(self.model):
+            if mod.weight_grad is not None:
+                g, mod.weight_grad = mod.weight_grad, None
+                self._run(name, g)
+        for name, p in self.model.named_parameters():
+            if name in self.updaters and p.grad is not None:
+                g, p.grad = p.grad, None
+                self._run(name, g)

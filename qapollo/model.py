@@ -1,0 +1,193 @@
+"""Build a transformers LlamaForCausalLM with int8 projections, without ever holding it in float.
+
+The model is created on the meta device; every attention/MLP projection (q, k, v, o, gate, up, down) is
+swapped for an `Int8Linear` whose uint8 codes are filled row-chunk by row-chunk from an N(0, 0.02) draw,
+so a 7B build never has a full floating-point copy of the matrices. Embeddings, RMSNorms and lm_head stay
+floating point. The model knows nothing of the training loop: an `Int8Linear` hands its weight gradient
+to whatever callable sits in `grad_hook`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from . import quant
+
+PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A stable per-tensor seed: init and projections never depend on iteration order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class _Int8LinearFn(torch.autograd.Function):
+    """y = x Ŵᵀ with Ŵ dequantized on the fly; backward computes dx with the same Ŵ, then dW.
+
+    `anchor` is a 0-element tensor that requires grad: it makes autograd record this node even when x
+    does not require grad (else the weight would silently never update; musubi-tuner #90).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, module):
+        ctx.save_for_backward(x)
+        ctx.module = module
+        return F.linear(x, module.dequantized(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        mod = ctx.module
+        gx = None
+        if ctx.needs_input_grad[0]:
+            # dx uses the weight as the forward saw it: this layer is updated only below, after dx.
+            gx = gy @ mod.dequantized(gy.dtype)
+        gw = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        mod.receive_grad(gw)
+        return gx, None, None
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer stored as uint8 codes + per-group scale and zero point (quant.py)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, device,
+                 scale_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = out_features * in_features // group_size
+        self.register_buffer("weight_codes", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(n_groups, dtype=scale_dtype, device=device))
+        self.register_buffer("weight_zero", torch.empty(n_groups, dtype=torch.uint8, device=device))
+        self._anchor = torch.empty(0, device=device, requires_grad=True)
+        self.grad_hook = None  # callable(module, grad); None: keep the gradient in .weight_grad
+        self.weight_grad = None
+        self.param_name = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return quant.dequantize(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
+
+    @torch.no_grad()
+    def init_normal_(self, std: float, seed: int) -> None:
+        """Draw N(0, std) row chunk by row chunk and round to nearest: no full float copy exists."""
+        gen = torch.Generator(device=self.weight_codes.device)
+        gen.manual_seed(seed)
+        step = quant.rows_per_chunk(self.shape)
+        gpr = self.in_features // self.group_size
+        for r0 in range(0, self.out_features, step):
+            r1 = min(self.out_features, r0 + step)
+            w = torch.randn((r1 - r0, self.in_features), generator=gen, device=self.weight_codes.device) * std
+            c, s, z = quant.quantize(w, self.group_size, self.weight_scale.dtype)
+            self.weight_codes[r0:r1] = c
+            self.weight_scale[r0 * gpr:r1 * gpr] = s
+            self.weight_zero[r0 * gpr:r1 * gpr] = z
+
+    def receive_grad(self, grad: torch.Tensor) -> None:
+        if self.grad_hook is not None:
+            self.grad_hook(self, grad)
+        elif self.weight_grad is None:
+            self.weight_grad = grad
+        else:
+            self.weight_grad += grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._anchor.device != x.device:
+            self._anchor = torch.empty(0, device=x.device, requires_grad=True)
+        return _Int8LinearFn.apply(x, self._anchor, self)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, int8"
+
+
+def llama_config(mcfg) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
+        num_key_value_heads=mcfg.num_key_value_heads or mcfg.num_attention_heads,
+        max_position_embeddings=mcfg.max_position_embeddings, rms_norm_eps=mcfg.rms_norm_eps,
+        rope_theta=mcfg.rope_theta, initializer_range=mcfg.initializer_range, hidden_act="silu",
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+def int8_modules(model: nn.Module):
+    """(name, Int8Linear) pairs in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+
+
+def matrix_names(model: nn.Module) -> set[str]:
+    """Names of the projection weights (the APOLLO-optimized matrices), int8 or float."""
+    out = set()
+    for n, m in model.named_modules():
+        if n.rsplit(".", 1)[-1] in PROJ_NAMES:
+            out.add(n + ".weight" if isinstance(m, nn.Linear) else n)
+    return out
+
+
+def _replace_projections(model: nn.Module, mcfg, device) -> None:
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in PROJ_NAMES:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = Int8Linear(lin.in_features, lin.out_features, mcfg.group_size, device)
+                setattr(parent, name, q)
+
+
+@torch.no_grad()
+def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0) -> LlamaForCausalLM:
+    """Build and initialise the model directly on `device` (int8 projections unless weight_quant=false)."""
+    device = torch.device(device)
+    dtype = resolve_dtype(mcfg.dtype, device)
+    hf_cfg = llama_config(mcfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_cfg).to(dtype)  # on meta: only the dtype label changes
+        if mcfg.weight_quant:
+            _replace_projections(model, mcfg, "meta")
+    model.to_empty(device=device)  # allocates, does not initialise: done below, tensor by tensor
+    std = mcfg.initializer_range
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int8Linear):
+            mod.param_name = name
+            mod.init_normal_(std, tensor_seed(seed, name))
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(tensor_seed(seed, name))
+            # randn in fp32 then cast: the same init on every dtype
+            for r0 in range(0, p.shape[0], quant.rows_per_chunk(tuple(p.shape))):
+                r1 = min(p.shape[0], r0 + quant.rows_per_chunk(tuple(p.shape)))
+                p[r0:r1] = (torch.randn((r1 - r0,) + tuple(p.shape[1:]), generator=gen, device=device) * std).to(p.dtype)
+    # Rotary frequencies were buffers on meta: recompute them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg).to(device)
+    return model
+
+
+def count_params(model: nn.Module) -> dict:
+    n_int8 = sum(m.weight_codes.numel() for _, m in int8_modules(model))
+    n_float = sum(p.numel() for p in model.parameters())
+    return {"int8": n_int8, "float": n_float, "total": n_int8 + n_float}
+
+
+def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
+    """Checkpoint each decoder layer (non-reentrant: recomputation sees the weights the forward used,
+    because a layer's weights change only inside that layer's own backward, after recomputation)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,114 @@
+"""int8 group-wise weight format and rounding (pure tensor math).
+
+Format (Q-GaLore / Q-APOLLO, group size 128 along the input dimension):
+    codes  uint8 (out, in)              the weight, 256 levels per group
+    scale  (out*in/g,) fp32             one step size per group of g contiguous inputs
+    zero   uint8 (out*in/g,)            integer zero point per group
+    w = (code - zero) * scale
+
+Every requantization recomputes scale/zero from the group's min/max, with 0 always inside the range:
+a single-signed group otherwise gets its zero point clamped and its extremes clipped (the bug unsloth
+PR #10841 found in a Q-GaLore port). The arithmetic runs in fp32: in bf16 most updates smaller than a
+quantization step are lost before rounding sees them (reference_algorithms.md §3.4).
+"""
+from __future__ import annotations
+
+import torch
+
+_MIN_SCALE = 1e-8
+# Scales are kept in fp32 (4 bytes per 128 weights, 0.19 GiB at 7B): requantizing dequantized values
+# then reproduces codes and zero exactly and the scale up to fp32 rounding. A bf16 scale cannot do that
+# (the group's codes no longer span 0..255, so each requantization shrinks or grows the grid), which
+# turns every update into extra rounding noise. `scale_dtype` stays a parameter for experiments.
+_SCALE_TOL = 1e-6  # relative scale changes below this are fp32 noise, not an update
+
+
+def group_view(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) → (out*in/g, g): groups of g contiguous elements of a row."""
+    if t.shape[-1] % group_size:
+        raise ValueError(f"input dim {t.shape[-1]} is not a multiple of group_size {group_size}")
+    return t.reshape(-1, group_size)
+
+
+def compute_scale_zero(wg: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric scale (rounded to its storage dtype) and uint8 zero point; wg is (G, g) fp32."""
+    lo = wg.amin(dim=1).clamp(max=0.0)
+    hi = wg.amax(dim=1).clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp(min=_MIN_SCALE)
+    scale = scale.to(scale_dtype)
+    s = scale.float()
+    zero = torch.round(-lo / s).clamp(0, 255)
+    return scale, zero.to(torch.uint8)
+
+
+def round_codes(r: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Round real-valued codes: stochastic floor(r + u), u ~ U[0,1) (unbiased: E = r), or to nearest."""
+    if stochastic:
+        u = torch.rand(r.shape, generator=generator, device=r.device, dtype=torch.float32)
+        return torch.floor(r.add_(u))
+    return torch.round(r)
+
+
+def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool = False,
+                    generator: torch.Generator | None = None):
+    """Quantize fp32 groups (G, g) → (codes uint8 (G, g), scale (G,), zero uint8 (G,))."""
+    scale, zero = compute_scale_zero(wg, scale_dtype)
+    r = wg / scale.float()[:, None] + zero.float()[:, None]
+    codes = round_codes(r, stochastic, generator).clamp_(0, 255).to(torch.uint8)
+    return codes, scale, zero
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(G, g) uint8 codes → (G, g) values in `dtype` (math in fp32, then cast)."""
+    w = (codes.float() - zero.float()[:, None]) * scale.float()[:, None]
+    return w.to(dtype)
+
+
+def quantize(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32,
+             stochastic: bool = False, generator: torch.Generator | None = None):
+    """Quantize an (out, in) float matrix. Returns codes (out, in) uint8, scale (G,), zero (G,) uint8."""
+    wg = group_view(w.float(), group_size)
+    codes, scale, zero = quantize_groups(wg, scale_dtype, stochastic, generator)
+    return codes.reshape(w.shape), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_groups(group_view(codes, group_size), scale, zero, dtype).reshape(codes.shape)
+
+
+def rows_per_chunk(shape: tuple[int, int], max_elems: int = 1 << 22) -> int:
+    """Rows of an (out, in) matrix processed at once, so fp32 transients stay ≤ max_elems (16 MB)."""
+    return max(1, min(shape[0], max_elems // max(1, shape[1])))
+
+
+@torch.no_grad()
+def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                      delta_fn, stochastic: bool, generator: torch.Generator | None,
+                      count_changes: bool = False, max_elems: int = 1 << 22) -> int:
+    """In place: W ← requant(dequant(W) + delta_fn(rows, W_rows)), row chunk by row chunk.
+
+    delta_fn(row_slice, w_rows_fp32) returns the fp32 change of those rows. Chunking keeps the fp32
+    transient small (the largest 7B matrix would be 180 MB at once). With count_changes, returns how
+    many codes, scales or zero points changed (the startup guard's proof that the write happened; it
+    costs a device sync, so it is off in the steady state); else 0.
+    """
+    out_f, in_f = codes.shape
+    gpr = in_f // group_size  # groups per row
+    changed = torch.zeros((), dtype=torch.int64, device=codes.device)
+    step = rows_per_chunk((out_f, in_f), max_elems)
+    for r0 in range(0, out_f, step):
+        rows = slice(r0, min(out_f, r0 + step))
+        gs = slice(rows.start * gpr, rows.stop * gpr)
+        c = codes[rows]
+        w = dequantize(c, scale[gs], zero[gs], group_size)
+        w += delta_fn(rows, w)
+        nc, ns, nz = quantize(w, group_size, scale.dtype, stochastic, generator)
+        if count_changes:
+            moved = (ns.float() - scale[gs].float()).abs() > _SCALE_TOL * scale[gs].float()
+            changed += (nc != c).sum() + moved.sum() + (nz != zero[gs]).sum()
+        c.copy_(nc)
+        scale[gs] = ns
+        zero[gs] = nz
+    return int(changed) if count_changes else 0

@@ -1,0 +1,152 @@
+"""The training loop: data → model → in-backward optimizer → metrics, eval and checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import torch
+from tqdm import tqdm
+
+from .config import Config
+from .layerwise import LayerwiseOptimizer
+from .metrics import MetricsLog, peak_mem_bytes
+from .model import build_model, count_params, enable_activation_checkpointing
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.device = pick_device(cfg.train.device)
+        self.run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+        self.stop_requested = False
+        self.tokens_seen = 0
+        self.last_eval = None
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from .data import build_data, check_vocab
+
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(t.seed)
+        self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
+                               eval_tokens=cfg.eval.tokens)
+        check_vocab(self.data.tokenizer, cfg.model.vocab_size)
+        self.model = build_model(cfg.model, self.device, seed=t.seed)
+        self.model.train()
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
+                                      stochastic_round=cfg.model.stochastic_round)
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> float:
+        t = self.cfg.train
+        check = self.opt.step_count == 0 and t.check_updates
+        total = 0.0
+        for micro in range(t.grad_accum_steps):
+            x = next(self.data.train).to(self.device, non_blocking=True)
+            self.opt.begin_step(last_micro=micro == t.grad_accum_steps - 1, check=check)
+            loss = self.model(input_ids=x, labels=x).loss
+            loss_val = loss.item()  # a device sync, once per micro-batch: the non-finite guard needs it
+            if not math.isfinite(loss_val):
+                raise TrainError(f"loss is {loss_val} at step {self.opt.step_count + 1}: stopping before the "
+                                 f"update; lower optim.lr or raise optim.warmup_steps, then resume from the "
+                                 f"last checkpoint")
+            (loss / t.grad_accum_steps).backward()
+            total += loss_val / t.grad_accum_steps
+            self.tokens_seen += x.numel()
+        self.opt.end_step(check=check)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses = []
+        for x in self.data.val_batches(self.cfg.eval.batch_size):
+            x = x.to(self.device)
+            losses.append(self.model(input_ids=x, labels=x).loss.float().item())
+        self.model.train()
+        loss = sum(losses) / max(1, len(losses))
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True  # finish the current step, save, exit
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not in the main thread (e.g. called from a test thread)
+                pass
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self._install_signal_handlers()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        n = count_params(self.model)
+        tqdm.write(f"qapollo: {n['total'] / 1e6:.1f}M params ({n['int8'] / 1e6:.1f}M int8) on {self.device}, "
+                   f"run dir {self.run_dir}")
+        start = self.opt.step_count
+        bar = tqdm(total=t.max_steps, initial=start, desc="Update steps", ncols=100, disable=not self.progress,
+                   dynamic_ncols=False)
+        t_last, tok_last = time.perf_counter(), self.tokens_seen
+        loss = float("nan")
+        record = {}
+        while self.opt.step_count < t.max_steps and not self.stop_requested:
+            lr = self.opt.current_lr()
+            loss = self.train_step()
+            step = self.opt.step_count
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps or step == start + 1 or self._eval_due(step):
+                now = time.perf_counter()
+                tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, self.tokens_seen
+                record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                          "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device)}
+                if self._eval_due(step):
+                    record.update(self.evaluate())
+                    self.last_eval = record
+                self.metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
+                                mem=f"{record['peak_mem_bytes'] / 2**30:.2f}G")
+            if self._save_due(step):
+                self.save()
+        bar.close()
+        self.save()
+        return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
+
+    def _eval_due(self, step: int) -> bool:
+        e = self.cfg.eval.every
+        return e > 0 and (step % e == 0 or step == self.cfg.train.max_steps)
+
+    def _save_due(self, step: int) -> bool:
+        s = self.cfg.train.save_every
+        return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step (checkpoint.py)."""
+        from . import checkpoint
+        checkpoint.save(self)
+
+
+def train(cfg: Config, progress: bool = True) -> dict:
+    trainer = Trainer(cfg, progress)
+    trainer.setup()
+    return trainer.fit()
