@@ -180,6 +180,17 @@ class LayerwiseOptimizer:
         self._fired[name] = self._fired.get(name, 0) + 1
         self._changed[name] = self._changed.get(name, 0) + changed
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held for all tensors (moments, projections, 8-bit states)."""
+        total = 0
+        for u in self.updaters.values():
+            if isinstance(u, ApolloUpdater):
+                tensors = [v for v in u.state.values() if torch.is_tensor(v)]
+            else:
+                tensors = [v for st in u.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
     # ---- step bookkeeping ----------------------------------------------------------------------
     def current_lr(self) -> float:
         o = self.o

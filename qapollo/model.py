@@ -187,6 +187,14 @@ def count_params(model: nn.Module) -> dict:
     return {"int8": n_int8, "float": n_float, "total": n_int8 + n_float}
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the trained weights as stored: int8 codes + scales + zeros + float tensors."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for _, m in int8_modules(model):
+        total += sum(b.numel() * b.element_size() for b in (m.weight_codes, m.weight_scale, m.weight_zero))
+    return total
+
+
 def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
     """Checkpoint each decoder layer (non-reentrant: recomputation sees the weights the forward used,
     because a layer's weights change only inside that layer's own backward, after recomputation)."""
