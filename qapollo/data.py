@@ -1,0 +1,464 @@
+"""Data: text sources -> token cache -> packed, shuffled, resumable LongTensor batches.
+
+Sources (data config):
+  path     local files: .txt, .jsonl/.json (one JSON object a line, `text_field`), .parquet; optionally
+           .gz/.xz/.bz2; globs; several separated by commas (or a list).
+  dataset  anything `datasets.load_dataset(dataset, config, split=split, streaming=streaming)` takes:
+           a hub name (e.g. `allenai/c4`, config `en`, streaming=True, max_tokens=N for online users),
+           a local folder of jsonl/parquet/txt files, or a folder written by `save_to_disk`.
+  neither  the shipped public-domain corpus (qapollo/assets/corpus): *.train.txt.xz for training,
+           *.validation.txt.xz (whole held-out works) for validation.
+
+Documents: a .txt file gives one document per blank-line-separated paragraph (one paragraph is the
+unit every text file has; the packing below keeps neighbouring paragraphs together anyway); a jsonl
+line, parquet row or dataset row gives one document.
+
+Token stream: each document is `<s> tokens </s>`, as LLaMA was trained and as the exported HF
+tokenizer (add_bos_token) encodes prompts, so EOS always sits between two documents. The stream is
+tokenized once into a cache folder `<cache_dir>/<key>/` (`train.bin`, `validation.bin`: flat uint16
+or uint32 arrays, memory-mapped; `meta.json`), built in a temp folder and renamed into place, so a
+crash never leaves half a cache. The key hashes the source (paths + sizes + mtimes, or dataset
+name/config/split), the tokenizer file and the settings; the next run with the same key starts at once.
+
+Packing: the train stream is cut into seq_len blocks, no padding (the tail shorter than one block is
+dropped). Block order is shuffled with numpy's Generator seeded by (seed, epoch), a new permutation
+each epoch. Validation: the first ceil(eval_tokens / seq_len) blocks of the validation stream, never
+shuffled. A source without a validation split holds out the last eval_tokens (whole blocks) of its
+train stream instead.
+"""
+
+import bz2
+import glob
+import gzip
+import hashlib
+import io
+import json
+import logging
+import lzma
+import os
+import shutil
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from qapollo.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
+CACHE_VERSION = 1  # bump when the cache layout or document rules change
+VAL_CAP = 1 << 20  # validation tokens cached (or eval_tokens if larger): enough for any usual eval budget
+ENCODE_BATCH = 512  # documents per encode_batch call
+
+
+class DataError(ValueError):
+    """Bad data config or input: the message says what is wrong and how to fix it."""
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """A token id >= model.vocab_size would index past the embedding table: stop before training."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r} has vocab_size {tokenizer.vocab_size} but model.vocab_size is "
+            f"{model_vocab_size}: set model.vocab_size={tokenizer.vocab_size} or use a tokenizer with at most "
+            f"{model_vocab_size} tokens")
+    if tokenizer.vocab_size < model_vocab_size:
+        log.warning("model.vocab_size %d > tokenizer vocab %d: %d embedding rows are never used",
+                    model_vocab_size, tokenizer.vocab_size, model_vocab_size - tokenizer.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading local files
+
+
+def resolve_paths(path) -> list[str]:
+    """Comma-separated string or list of files/globs -> sorted, existing files."""
+    specs = [s.strip() for s in path.split(",")] if isinstance(path, str) else [str(s) for s in path]
+    out = []
+    for spec in filter(None, specs):
+        spec = os.path.expanduser(spec)
+        hits = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec] if os.path.exists(spec) else []
+        files = [h for h in hits if os.path.isfile(h)]
+        for h in hits:  # a folder means every file in it
+            if os.path.isdir(h):
+                files += sorted(f for f in glob.glob(os.path.join(h, "**", "*"), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"data.path {spec!r} matches no file: check the path or glob (relative to {os.getcwd()})")
+        out += files
+    if not out:
+        raise DataError("data.path is empty: give files such as data.path=corpus/*.txt")
+    return out
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    opener = open
+    for ext, fn in ((".gz", gzip.open), (".xz", lzma.open), (".bz2", bz2.open)):
+        if path.endswith(ext):
+            opener = fn
+    # strict UTF-8 so that binary input fails loudly instead of training on garbage
+    return opener(path, "rt", encoding="utf-8-sig", errors="strict", newline=None)
+
+
+def _kind(path: str) -> str:
+    base = path
+    for ext in (".gz", ".xz", ".bz2"):
+        base = base[: -len(ext)] if base.endswith(ext) else base
+    if base.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if base.endswith((".jsonl", ".json", ".ndjson")) else "txt"
+
+
+def _txt_documents(path: str) -> Iterator[str]:
+    """One document per paragraph (blank-line separated), read line by line so big files stream."""
+    para = []
+    with _open_text(path) as f:
+        for line in f:
+            if "\x00" in line:
+                raise DataError(f"{path} contains NUL bytes: it looks like a binary file, not text; remove it from data.path")
+            if line.strip():
+                para.append(line)
+            elif para:
+                yield "".join(para).strip("\n")
+                para = []
+    if para:
+        yield "".join(para).strip("\n")
+
+
+def _jsonl_documents(path: str, field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not a JSON line ({e.msg}); .jsonl files need one JSON object per line") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = list(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path}:{i}: no {field!r} field (found {keys}); set data.text_field")
+            yield row[field]
+
+
+def _parquet_documents(path: str, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a non-parquet file
+        raise DataError(f"{path} is not a readable parquet file ({e})") from None
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no {field!r} column (found {pf.schema_arrow.names}); set data.text_field")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        yield from batch.column(0).to_pylist()
+
+
+def _file_documents(path: str, field: str = "text") -> Iterator[str]:
+    kind = _kind(path)
+    docs = _txt_documents(path) if kind == "txt" else _jsonl_documents(path, field) if kind == "jsonl" else _parquet_documents(path, field)
+    n = 0
+    try:
+        for doc in docs:
+            if doc and doc.strip():
+                n += 1
+                yield doc
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file? Convert it to UTF-8 or remove it") from None
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"{path} cannot be read ({e}); check that the file and its compression are intact") from None
+    if n == 0:
+        raise DataError(f"{path} has no text (empty file or only blank lines/empty {field!r} values); remove it from data.path")
+
+
+def iter_file_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
+    for p in paths:
+        yield from _file_documents(p, text_field)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sources: what to read for each split, and the cache-key description of it
+
+
+def _file_stamp(paths: list[str]) -> list:
+    return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+
+
+def _is_saved_dataset(d: str) -> bool:
+    return os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+class _Source:
+    """description (for the cache key and logs) + a document iterator per split; None = no such split."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.field = getattr(cfg, "text_field", None) or "text"
+        path, dataset = getattr(cfg, "path", None), getattr(cfg, "dataset", None)
+        if path and dataset:
+            raise DataError("set data.path or data.dataset, not both")
+        if dataset:
+            self.kind = "dataset"
+            name, conf, split = dataset, getattr(cfg, "config", None), getattr(cfg, "split", None) or "train"
+            self.streaming = bool(getattr(cfg, "streaming", False))
+            local = os.path.exists(os.path.expanduser(name))
+            stamp = _file_stamp(resolve_paths(os.path.join(os.path.expanduser(name), "**", "*"))) if local else None
+            self.key = {"dataset": name, "config": conf, "split": split, "streaming": self.streaming, "files": stamp}
+            self.desc = f"dataset {name}" + (f" ({conf})" if conf else "") + f" split {split}"
+            self.name, self.conf, self.split = os.path.expanduser(name) if local else name, conf, split
+        else:
+            self.kind = "files"
+            self.streaming = False
+            default = not path
+            train = resolve_paths(path) if path else sorted(glob.glob(os.path.join(CORPUS_DIR, "*.train.txt*")))
+            val = sorted(glob.glob(os.path.join(CORPUS_DIR, "*.validation.txt*"))) if default else []
+            if default and not (train and val):
+                raise DataError(f"the shipped corpus is missing from {CORPUS_DIR}; reinstall qapollo or set data.path")
+            self.files = {"train": train, "validation": val}
+            self.key = {"files": _file_stamp(train), "val_files": _file_stamp(val)}
+            self.desc = "default corpus (qapollo/assets/corpus)" if default else f"files {path}"
+
+    def documents(self, split: str) -> Iterator[str] | None:
+        if self.kind == "files":
+            files = self.files[split]
+            return iter_file_documents(files, self.field) if files else None
+        ds = self._load(self.split if split == "train" else "validation")
+        if ds is None:
+            return None
+        cols = ds.column_names
+        if cols is not None and self.field not in cols:
+            raise DataError(f"{self.desc}: no {self.field!r} column (found {cols}); set data.text_field")
+        return (t for batch in ds.iter(batch_size=1000) for t in batch[self.field] if t and t.strip())
+
+    def _load(self, split: str):
+        import datasets
+
+        if _is_saved_dataset(self.name):  # written by save_to_disk: load_dataset cannot read it
+            d = datasets.load_from_disk(self.name)
+            if isinstance(d, datasets.DatasetDict):
+                if split not in d:
+                    if split == self.split:
+                        raise DataError(f"{self.desc}: no split {split!r} (has {list(d)}); set data.split")
+                    return None
+                d = d[split]
+            elif split != self.split:
+                return None
+            return d.to_iterable_dataset() if self.streaming else d
+        try:
+            return datasets.load_dataset(self.name, self.conf, split=split, streaming=self.streaming)
+        except ValueError as e:  # datasets raises ValueError for an unknown split
+            if split != self.split and "split" in str(e).lower():
+                return None
+            raise DataError(f"{self.desc}: {e}") from None
+        except FileNotFoundError as e:
+            raise DataError(f"data.dataset {self.name!r} not found ({e}); give a local folder or a hub name (online)") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the token cache
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("QAPOLLO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qapollo", "tokens")
+
+
+def _tokenizer_stamp(tok: Tokenizer) -> str:
+    """Hash of the tokenizer's files, so a retrained tokenizer at the same path gets a new cache."""
+    h = hashlib.sha256()
+    f = getattr(tok, "model_file", None)
+    if f is None and os.path.isdir(str(tok.name_or_path)):
+        f = os.path.join(tok.name_or_path, "tokenizer.json")
+    if f and os.path.isfile(f):
+        h.update(open(f, "rb").read())
+    else:  # hub tokenizer: name + vocabulary
+        h.update(f"{tok.name_or_path}:{tok.vocab_size}".encode())
+    h.update(f"{tok.bos_id}:{tok.eos_id}".encode())
+    return h.hexdigest()
+
+
+def _write_tokens(docs: Iterator[str], tok: Tokenizer, path: str, dtype, cap: int | None, bar) -> int:
+    """Tokenize documents as <s> ids </s> and append them to path; stops at cap tokens."""
+    bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
+    n = 0
+    with open(path, "wb") as f:
+        batch = []
+        for doc in _chain_end(docs):
+            if doc is not None:
+                batch.append(doc)
+                if len(batch) < ENCODE_BATCH:
+                    continue
+            if not batch:
+                break
+            flat = []
+            for ids in tok.encode_batch(batch):
+                flat += bos
+                flat += ids
+                flat.append(tok.eos_id)
+            batch = []
+            arr = np.asarray(flat, dtype=dtype)
+            if cap is not None and n + len(arr) > cap:
+                arr = arr[: cap - n]
+            f.write(arr.tobytes())
+            n += len(arr)
+            bar.update(len(arr))
+            if cap is not None and n >= cap:
+                break
+    return n
+
+
+def _chain_end(it):
+    yield from it
+    yield None  # flush marker for the last partial batch
+
+
+def _build_cache(src: _Source, tok: Tokenizer, final: str, max_tokens: int | None, val_cap: int) -> dict:
+    from tqdm.auto import tqdm
+
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    t0 = time.time()
+    try:
+        meta = {"version": CACHE_VERSION, "dtype": np.dtype(dtype).name, "source": src.desc, "key": src.key,
+                "tokenizer": tok.name_or_path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+        for split, cap in (("train", max_tokens), ("validation", val_cap)):
+            docs = src.documents(split)
+            if docs is None:
+                continue
+            total = cap if split == "train" else None  # the validation cap is rarely reached
+            with tqdm(total=total, unit="tok", unit_scale=True, desc=f"tokenizing {split}", mininterval=1.0) as bar:
+                meta[f"n_{split}"] = _write_tokens(docs, tok, os.path.join(tmp, f"{split}.bin"), dtype, cap, bar)
+        if meta.get("n_train", 0) == 0:
+            raise DataError(f"{src.desc} gave no text; check data.path / data.dataset and data.text_field")
+        meta["build_s"] = round(time.time() - t0, 2)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        try:
+            os.replace(tmp, final)  # atomic: the cache folder exists only when complete
+        except OSError:  # another process finished the same cache first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _memmap(path: str, dtype: str, n: int) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# packing and loading
+
+
+class BlockLoader:
+    """Infinite iterator over [batch_size, seq_len] blocks of a flat token array, in a seeded order.
+
+    Position counts blocks into the current epoch's permutation, so a batch that crosses an epoch
+    end takes the rest of this epoch and the start of the next: no block is skipped or repeated.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, key: str):
+        self.seq_len, self.batch_size, self.seed, self.key = seq_len, batch_size, seed, key
+        self.n_blocks = len(tokens) // seq_len
+        self.blocks = tokens[: self.n_blocks * seq_len].reshape(self.n_blocks, seq_len)
+        self.tokens_per_epoch = self.n_blocks * seq_len
+        self.epoch, self.position = 0, 0
+        self._perm, self._perm_epoch = None, -1
+
+    def _order(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_blocks)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        parts, n = [], 0
+        while n < self.batch_size:
+            if self.position == self.n_blocks:
+                self.epoch, self.position = self.epoch + 1, 0
+            take = min(self.batch_size - n, self.n_blocks - self.position)
+            parts.append(self._order()[self.position : self.position + take])
+            self.position += take
+            n += take
+        idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return torch.from_numpy(self.blocks[idx].astype(np.int64))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "n_blocks": self.n_blocks, "cache_key": self.key}
+
+    def load_state_dict(self, d: dict) -> None:
+        mine = self.state_dict()
+        for k in ("cache_key", "seq_len", "n_blocks"):
+            if d.get(k) != mine[k]:
+                raise DataError(
+                    f"data cursor was saved for {k}={d.get(k)!r} but this run has {k}={mine[k]!r}: the checkpoint was "
+                    "made with other data, tokenizer or seq_len; resume with the same data settings or start a new run")
+        if not 0 <= int(d["position"]) <= self.n_blocks:
+            raise DataError(f"data cursor position {d['position']} is outside 0..{self.n_blocks}")
+        self.seed, self.epoch, self.position = int(d["seed"]), int(d["epoch"]), int(d["position"])
+
+
+class Data:
+    """What build_data returns: tokenizer, train loader, fixed validation batches and a summary."""
+
+    def __init__(self, tokenizer, train, val_tokens, seq_len, eval_tokens, info):
+        self.tokenizer, self.train, self.info = tokenizer, train, info
+        self._val, self.seq_len, self.eval_tokens = val_tokens, seq_len, eval_tokens
+
+    def val_batches(self, batch_size: int) -> list[torch.Tensor]:
+        """The first ceil(eval_tokens / seq_len) validation blocks, in order: the same every call."""
+        n = min(-(-self.eval_tokens // self.seq_len), len(self._val) // self.seq_len)
+        blocks = torch.from_numpy(self._val[: n * self.seq_len].astype(np.int64)).view(n, self.seq_len)
+        return list(blocks.split(batch_size))
+
+
+def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536) -> Data:
+    """Tokenize (or find in the cache) the configured source and return loaders over it."""
+    if seq_len < 1 or batch_size < 1:
+        raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
+    tok = load_tokenizer(getattr(cfg, "tokenizer", None))
+    src = _Source(cfg)
+    max_tokens = getattr(cfg, "max_tokens", None)
+    if src.streaming and not max_tokens:
+        raise DataError(f"{src.desc} is streamed: set data.max_tokens (e.g. 100_000_000) to bound how much is tokenized")
+    val_cap = max(VAL_CAP, int(eval_tokens))
+    key_src = {"v": CACHE_VERSION, "src": src.key, "tok": _tokenizer_stamp(tok), "field": src.field,
+               "max_tokens": max_tokens, "val_cap": val_cap}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
+    root = os.path.expanduser(getattr(cfg, "cache_dir", None) or default_cache_dir())
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, key)
+    t0 = time.time()
+    if os.path.exists(os.path.join(final, "meta.json")):
+        meta, hit = json.load(open(os.path.join(final, "meta.json"))), True
+        log.info("token cache hit: %s", final)
+    else:
+        log.info("tokenizing %s with %s into %s", src.desc, tok.name_or_path, final)
+        meta, hit = _build_cache(src, tok, final, max_tokens, val_cap), False
+    build_s = 0.0 if hit else time.time() - t0
+    train = _memmap(os.path.join(final, "train.bin"), meta["dtype"], meta["n_train"])
+    if "n_validation" in meta:
+        val = _memmap(os.path.join(final, "validation.bin"), meta["dtype"], meta["n_validation"])
+        held_out = "validation split"
+    else:  # no validation split: hold out the tail of the train stream, whole blocks
+        n_hold = -(-int(eval_tokens) // seq_len) * seq_len
+        if n_hold >= len(train):
+            raise DataError(f"{src.desc} has {len(train)} tokens, too few to hold out eval.tokens={eval_tokens} for "
+                            "validation; add data or lower eval.tokens")
+        train, val = train[: len(train) - n_hold], train[len(train) - n_hold :]
+        held_out = f"last {n_hold} train tokens"
+    loader = BlockLoader(train, seq_len, batch_size, seed, key)
+    if loader.n_blocks < batch_size:
+        raise DataError(f"{src.desc} has {len(train)} train tokens = {loader.n_blocks} blocks of seq_len {seq_len}, fewer "
+                        f"than one batch of {batch_size}; add data or lower train.batch_size / train.seq_len")
+    info = {"source": src.desc, "tokenizer": tok.name_or_path, "vocab_size": tok.vocab_size,
+            "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)), "validation": held_out,
+            "train_blocks": loader.n_blocks, "cache_dir": final, "cache_hit": hit, "cache_build_s": round(build_s, 2)}
+    log.info("data: %s", info)
+    return Data(tok, loader, val, seq_len, int(eval_tokens), info)

@@ -1,0 +1,171 @@
+"""Tokenizers: the shipped LLaMA-layout sentencepiece model, any `.model` file, or an HF tokenizer folder.
+
+`load_tokenizer(spec)` returns one small interface whatever the backend. A `.model` file (or a folder
+holding only `tokenizer.model`) is run with the `sentencepiece` library itself: it is the reference
+implementation, fast in batch, and transformers 5.x's conversion differs from it on runs of spaces.
+A folder with `tokenizer.json` (any HF tokenizer) goes through `AutoTokenizer`.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
+
+
+class Tokenizer:
+    """Common surface used by qapollo.data and the HF export. encode() adds no BOS/EOS."""
+
+    name_or_path: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def save(self, out_dir: str) -> None:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: str, name_or_path: str | None = None):
+        import sentencepiece as spm
+
+        self.model_file = model_file
+        self.name_or_path = name_or_path or model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.eos_id < 0:
+            raise ValueError(f"{model_file}: sentencepiece model has no EOS piece; retrain it with eos_id set")
+        self.num_threads = min(4, os.cpu_count() or 1)
+
+    def encode_batch(self, texts):
+        return self.sp.encode(list(texts), num_threads=self.num_threads)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def save(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        dst = os.path.join(out_dir, "tokenizer.model")
+        if not (os.path.exists(dst) and os.path.samefile(self.model_file, dst)):
+            shutil.copyfile(self.model_file, dst)
+        piece = lambda i: self.sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+        special = {"bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id), "unk_token": piece(self.sp.unk_id())}
+        special = {k: v for k, v in special.items() if v is not None}
+        # LlamaTokenizer + add_bos_token: AutoTokenizer then adds <s> like the LLaMA tokenizer does
+        config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": self.bos_id >= 0,
+                  "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False}
+        _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+        _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, spec: str):
+        from transformers import AutoTokenizer
+
+        self.name_or_path = spec
+        self.tok = AutoTokenizer.from_pretrained(spec)
+        self.vocab_size = len(self.tok)
+        self.eos_id = self.tok.eos_token_id
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else -1
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {spec!r} has no eos_token; qapollo needs one to separate documents")
+
+    def encode_batch(self, texts):
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids])
+
+    def save(self, out_dir):
+        self.tok.save_pretrained(out_dir)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def load_tokenizer(spec: str | None = None) -> Tokenizer:
+    """None/"default" = the shipped 32k tokenizer; else a `.model` file, a folder, or an HF hub name."""
+    if spec in (None, "", "default"):
+        return SentencePieceTokenizer(os.path.join(DEFAULT_DIR, "tokenizer.model"), name_or_path="default")
+    spec = os.path.expanduser(str(spec))
+    if os.path.isfile(spec):
+        return SentencePieceTokenizer(spec)
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "tokenizer.json")) and os.path.exists(os.path.join(spec, "tokenizer.model")):
+            return SentencePieceTokenizer(os.path.join(spec, "tokenizer.model"), name_or_path=spec)
+        return HFTokenizer(spec)
+    if spec.endswith(".model") or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"tokenizer {spec!r} not found: give a sentencepiece .model file or a tokenizer folder")
+    return HFTokenizer(spec)  # a hub name such as "meta-llama/Llama-2-7b-hf" (needs network or HF cache)
+
+
+def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2_000_000) -> Tokenizer:
+    """Train a LLaMA-like sentencepiece BPE on local files (any format qapollo.data reads).
+
+    BPE, not unigram: transformers' LlamaTokenizer assumes BPE when it converts tokenizer.model, so a
+    unigram model would tokenize differently after the HF export.
+    """
+    import sentencepiece as spm
+
+    from qapollo import data  # late import: data imports this module
+
+    paths = data.resolve_paths(files)
+    lines = (ln for doc in data.iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_prefix=os.path.join(out_dir, "tokenizer"), model_type="bpe",
+        vocab_size=vocab_size, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        num_threads=min(4, os.cpu_count() or 1), character_coverage=0.99995, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        max_sentence_length=16384, minloglevel=2,
+    )
+    os.remove(os.path.join(out_dir, "tokenizer.vocab"))  # the .model holds the vocabulary already
+    tok = SentencePieceTokenizer(os.path.join(out_dir, "tokenizer.model"), name_or_path=out_dir)
+    tok.save(out_dir)  # adds tokenizer_config.json + special_tokens_map.json for AutoTokenizer
+    log.info("trained BPE tokenizer, vocab %d, in %.1fs -> %s", vocab_size, time.time() - t0, out_dir)
+    return tok
+
+
+def tokenizer_main(argv: list[str]) -> int:
+    """`qapollo tokenizer train CORPUS... --vocab N OUT/`"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="qapollo tokenizer", description="Train a sentencepiece BPE tokenizer.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a LLaMA-like BPE tokenizer on local text files")
+    tr.add_argument("corpus", nargs="+", help="files or globs (.txt, .jsonl, .parquet, optionally .gz/.xz)")
+    tr.add_argument("--vocab", type=int, required=True, help="vocabulary size, e.g. 32000")
+    tr.add_argument("out", help="output folder (gets tokenizer.model + tokenizer_config.json)")
+    args = ap.parse_args(argv)
+    from qapollo.data import DataError
+
+    try:
+        tok = train_tokenizer(args.corpus, args.vocab, args.out)
+    except (DataError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (vocab {tok.vocab_size}); use it with data.tokenizer={args.out}")
+    return 0
