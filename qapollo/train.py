@@ -39,9 +39,12 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
+        from . import checkpoint
         from .data import build_data, check_vocab
 
         cfg, t = self.cfg, self.cfg.train
+        # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
+        resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
         torch.manual_seed(t.seed)
         self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
                                eval_tokens=cfg.eval.tokens)
@@ -53,6 +56,7 @@ class Trainer:
         self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
                                       stochastic_round=cfg.model.stochastic_round)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        checkpoint.resume(self, resume_from)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> float:

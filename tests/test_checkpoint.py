@@ -1,0 +1,343 @@
+"""Checkpoints: every state tensor round-trips, resume is bit-exact (also after SIGTERM), broken
+checkpoints give a one-line error naming the file and `resume=auto` falls back past them."""
+import json
+import lzma
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from qapollo import checkpoint as ck
+from qapollo.checkpoint import CheckpointError, IncompatibleCheckpoint
+from qapollo.config import load_config
+from qapollo.layerwise import ApolloUpdater
+from qapollo.metrics import read_metrics
+from qapollo.train import Trainer
+from tests.helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: threads only add contention on a shared 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """200 kB of Shakespeare and a 512-piece BPE trained on it, so the tiny model's vocab fits."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("corpus")
+    with lzma.open(os.path.join(ROOT, "qapollo/assets/corpus/shakespeare.train.txt.xz"), "rt") as f:
+        (d / "corpus.txt").write_text(f.read(200_000))
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), model_type="bpe", vocab_size=512,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return {"data.path": str(d / "corpus.txt"), "data.tokenizer": str(d / "tok.model"),
+            "data.cache_dir": str(d / "cache"), "eval.tokens": 256}
+
+
+def make_cfg(corpus, out, run="run", **over):
+    cfg = tiny_config(**over)
+    cfg.data.path, cfg.data.tokenizer = corpus["data.path"], corpus["data.tokenizer"]
+    cfg.data.cache_dir, cfg.eval.tokens = corpus["data.cache_dir"], corpus["eval.tokens"]
+    cfg.train.output_dir, cfg.train.run_name, cfg.train.log_every = str(out), run, 1
+    return cfg
+
+
+def run(cfg, resume=None) -> Trainer:
+    cfg.resume = resume
+    tr = Trainer(cfg, progress=False)
+    tr.setup()
+    tr.fit()
+    return tr
+
+
+def read_tensors(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k).clone() for k in f.keys()}, f.metadata()  # clone: unmap the file
+
+
+def assert_same_checkpoint(a, b):
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ta, ma = read_tensors(os.path.join(a, name))
+        tb, mb = read_tensors(os.path.join(b, name))
+        assert ta.keys() == tb.keys(), name
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), f"{name}: {k} differs"
+        assert ma == mb, name
+    sa, sb = ck.read_state(a), ck.read_state(b)
+    for k in ("global_step", "tokens_seen", "data_cursor"):
+        assert sa[k] == sb[k], k
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))}
+
+
+# ---- round trip and exact resume ---------------------------------------------------------------
+def test_round_trip_every_state_tensor(corpus, tmp_path):
+    over = dict(optim__name="apollo", optim__rank=2, optim__scale_type="channel", optim__float_optim="adam8bit",
+                optim__update_proj_gap=2, train__max_steps=3)
+    a = run(make_cfg(corpus, tmp_path, "a", **over))
+    b = Trainer(make_cfg(corpus, tmp_path, "b", **over), progress=False)
+    b.cfg.resume = os.path.join(tmp_path, "a", "checkpoint-3")
+    b.setup()
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    kinds = set()
+    for name, ua in a.opt.updaters.items():
+        ub = b.opt.updaters[name]
+        if isinstance(ua, ApolloUpdater):
+            kinds.add("apollo")
+            for k, v in ua.state.items():
+                w = ub.state[k]
+                assert (torch.equal(v, w) and v.dtype == w.dtype) if torch.is_tensor(v) else v == w, (name, k)
+        else:
+            sa_, sb_ = ua.opt.state[ua.param], ub.opt.state[ub.param]
+            kinds.add(type(ua.opt).__name__)
+            assert sa_.keys() == sb_.keys(), name
+            for k, v in sa_.items():
+                w = sb_[k]
+                assert (torch.equal(v, w) and v.dtype == w.dtype) if torch.is_tensor(v) else v == w, (name, k)
+    assert kinds == {"apollo", "AdamW8bit"}
+    assert (b.opt.step_count, b.tokens_seen) == (a.opt.step_count, a.tokens_seen)
+    assert b.data.train.state_dict() == a.data.train.state_dict()
+    meta = read_tensors(os.path.join(tmp_path, "a", "checkpoint-3", "model.safetensors"))[1]
+    assert meta["format"] == "pt" and meta["qapollo_schema"] == str(ck.SCHEMA)
+
+
+VARIANTS = {
+    "int8-apollo_mini": dict(optim__update_proj_gap=2),
+    "int8-apollo-rank2-bnb": dict(optim__name="apollo", optim__rank=2, optim__scale_type="channel",
+                                  optim__float_optim="adam8bit", optim__update_proj_gap=2),
+    "float-apollo_mini": dict(model__weight_quant=False, optim__update_proj_gap=2),
+    "float-adamw": dict(model__weight_quant=False, optim__name="adamw"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_is_bit_exact(corpus, tmp_path, variant):
+    """6 steps in one go == 3 steps, checkpoint, resume in a new trainer, 3 more (across a proj refresh)."""
+    over = dict(VARIANTS[variant], train__max_steps=6)
+    run(make_cfg(corpus, tmp_path, "full", train__save_every=3, **over))
+    run(make_cfg(corpus, tmp_path, "resumed", **over), resume=os.path.join(tmp_path, "full", "checkpoint-3"))
+    assert_same_checkpoint(os.path.join(tmp_path, "full", "checkpoint-6"),
+                           os.path.join(tmp_path, "resumed", "checkpoint-6"))
+    full, resumed = losses(os.path.join(tmp_path, "full")), losses(os.path.join(tmp_path, "resumed"))
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == full[s] for s in resumed)
+
+
+def test_resume_in_place_rotation_and_fresh_run_guard(corpus, tmp_path):
+    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=4, train__save_every=1, train__save_total_limit=2)
+    run(cfg)
+    run_dir = os.path.join(tmp_path, "r")
+    assert [s for s, _ in ck.list_checkpoints(run_dir)] == [4, 3]  # rotation keeps the last 2
+    assert open(os.path.join(run_dir, "latest")).read().strip() == "checkpoint-4"
+    assert not [d for d in os.listdir(run_dir) if d.startswith(".")]
+    ref = losses(run_dir)
+    # a fresh run must not train over existing checkpoints
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints.*--resume"):
+        run(make_cfg(corpus, tmp_path, "r", train__max_steps=4))
+    assert [s for s, _ in ck.list_checkpoints(run_dir)] == [4, 3]
+    # resuming step 3 drops the metrics lines after it, then re-logs step 4 identically
+    tr = run(make_cfg(corpus, tmp_path, "r", train__max_steps=4, train__save_total_limit=2),
+             resume=os.path.join(run_dir, "checkpoint-3"))
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert losses(run_dir) == ref
+    assert tr.opt.step_count == 4
+    # auto continues from latest with a larger max_steps (allowed change), logging settings too
+    tr = run(make_cfg(corpus, tmp_path, "r", train__max_steps=6, train__log_every=2), resume="auto")
+    assert tr.opt.step_count == 6 and [s for s, _ in ck.list_checkpoints(run_dir)][0] == 6
+
+
+def test_auto_without_checkpoint_starts_fresh(corpus, tmp_path, capsys):
+    tr = run(make_cfg(corpus, tmp_path, "new", train__max_steps=1), resume="auto")
+    assert tr.opt.step_count == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value", [("model.hidden_size", 256), ("optim.name", "apollo"),
+                                       ("optim.float_optim", "adam8bit")])
+def test_incompatible_config_is_refused(corpus, tmp_path, key, value):
+    run(make_cfg(corpus, tmp_path, "r", train__max_steps=1))
+    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=2, **{key.replace(".", "__"): value})
+    old = getattr(getattr(make_cfg(corpus, tmp_path), key.split(".")[0]), key.split(".")[1])
+    with pytest.raises(IncompatibleCheckpoint) as e:
+        run(cfg, resume="auto")
+    msg = str(e.value)
+    assert f"{key}={old!r}" in msg and f"{key}={value!r}" in msg and "\n" not in msg
+
+
+# ---- broken checkpoints ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_run(corpus, tmp_path_factory):
+    """A run with checkpoint-2 and checkpoint-4 (`latest`), copied per test and then broken."""
+    out = tmp_path_factory.mktemp("saved")
+    run(make_cfg(corpus, out, "r", train__max_steps=4, train__save_every=2, train__save_total_limit=0))
+    return os.path.join(out, "r")
+
+
+def _rewrite_model(ckpt, edit):
+    """Rewrite model.safetensors through `edit(tensors)` and fix the manifest: only the tensor checks see it."""
+    path = os.path.join(ckpt, "model.safetensors")
+    tensors, meta = read_tensors(path)
+    edit(tensors)
+    _fix_manifest(ckpt, "model.safetensors", ck.write_safetensors(path, ck._items(tensors), meta))
+
+
+def _fix_manifest(ckpt, name, entry):
+    path = os.path.join(ckpt, "trainer_state.json")
+    state = json.load(open(path))
+    state["files"][name] = entry
+    json.dump(state, open(path, "w"))
+
+
+def _truncate(ckpt):
+    p = os.path.join(ckpt, "model.safetensors")
+    os.truncate(p, os.path.getsize(p) // 2)
+
+
+def _flip_byte(ckpt):
+    p = os.path.join(ckpt, "optimizer.safetensors")
+    with open(p, "r+b") as f:
+        f.seek(os.path.getsize(p) - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _bad_header(ckpt):
+    p = os.path.join(ckpt, "model.safetensors")
+    with open(p, "r+b") as f:
+        f.seek(8)
+        f.write(b"{garbage")
+    _fix_manifest(ckpt, "model.safetensors", {"bytes": os.path.getsize(p), "crc32": ck._crc32(p)})
+
+
+BREAKERS = {
+    "truncated": (_truncate, r"model\.safetensors: \d+ bytes, expected \d+"),
+    "corrupted": (_flip_byte, r"optimizer\.safetensors: checksum mismatch"),
+    "missing file": (lambda c: os.remove(os.path.join(c, "rng_state.safetensors")), r"rng_state\.safetensors: missing"),
+    "no trainer_state": (lambda c: os.remove(os.path.join(c, "trainer_state.json")), r"trainer_state\.json: missing"),
+    "bad json": (lambda c: open(os.path.join(c, "trainer_state.json"), "w").write('{"global_step": 4,'),
+                 r"trainer_state\.json: not valid JSON"),
+    "bad config": (lambda c: open(os.path.join(c, "config.yaml"), "w").write("model: [1, 2"),
+                   r"config\.yaml: not a valid run config"),
+    "bad header": (_bad_header, r"model\.safetensors: not a readable safetensors file"),
+    "missing tensor": (lambda c: _rewrite_model(c, lambda t: t.pop("model.norm.weight")),
+                       r"model\.safetensors: tensor 'model\.norm\.weight' missing"),
+    "shape mismatch": (lambda c: _rewrite_model(c, lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:-1]})),
+                       r"model\.safetensors: tensor 'lm_head\.weight' has shape"),
+}
+
+
+@pytest.mark.parametrize("kind", BREAKERS)
+def test_broken_checkpoint_is_named_and_auto_falls_back(corpus, saved_run, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    run_dir = os.path.join(out, "r")
+    shutil.copytree(saved_run, run_dir)
+    breaker, pattern = BREAKERS[kind]
+    breaker(os.path.join(run_dir, "checkpoint-4"))
+    cfg = make_cfg(corpus, out, "r", train__max_steps=4, train__save_total_limit=0)
+    cfg.resume = os.path.join(run_dir, "checkpoint-4")
+    with pytest.raises(CheckpointError) as e:
+        Trainer(cfg, progress=False).setup()
+    assert re.search(pattern, str(e.value)) and "\n" not in str(e.value), str(e.value)
+    assert "checkpoint-4" in str(e.value)
+    # auto: warns, falls back to checkpoint-2 and replaces the broken checkpoint-4 when it gets there
+    capsys.readouterr()
+    tr = run(make_cfg(corpus, out, "r", train__max_steps=4, train__save_total_limit=0), resume="auto")
+    err = capsys.readouterr().err
+    assert "falling back to" in err and "checkpoint-2" in err and re.search(pattern, err)
+    assert tr.opt.step_count == 4
+    assert_same_checkpoint(os.path.join(saved_run, "checkpoint-4"), os.path.join(run_dir, "checkpoint-4"))
+
+
+def test_failed_save_keeps_previous_checkpoint(corpus, saved_run, tmp_path, monkeypatch):
+    run_dir = os.path.join(tmp_path, "r")
+    shutil.copytree(saved_run, run_dir)
+    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=5, train__save_total_limit=1)
+    cfg.resume = "auto"
+    tr = Trainer(cfg, progress=False)
+    tr.setup()
+    tr.train_step()
+    real = ck.write_safetensors
+
+    def failing(path, items, meta):
+        if path.endswith("optimizer.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real(path, items, meta)
+    monkeypatch.setattr(ck, "write_safetensors", failing)
+    with pytest.raises(OSError):
+        tr.save()
+    assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "checkpoint-4", "latest", "metrics.jsonl"]
+    assert open(os.path.join(run_dir, "latest")).read().strip() == "checkpoint-4"
+    assert_same_checkpoint(os.path.join(saved_run, "checkpoint-4"), os.path.join(run_dir, "checkpoint-4"))
+
+
+# ---- SIGTERM in a real process, then resume ---------------------------------------------------------
+def test_sigterm_saves_and_resume_matches_uninterrupted(corpus, tmp_path):
+    # min_lr_ratio=1: the lr does not depend on max_steps, so the interrupted run can use a huge one
+    conf = {"model": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "vocab_size": 512, "max_position_embeddings": 64},
+            "optim": {"warmup_steps": 2, "min_lr_ratio": 1.0, "float_optim": "adamw", "update_proj_gap": 2},
+            "train": {"batch_size": 2, "seq_len": 16, "log_every": 1, "output_dir": str(tmp_path / "out"),
+                      "run_name": "sig", "save_total_limit": 0},
+            "data": {"path": corpus["data.path"], "tokenizer": corpus["data.tokenizer"],
+                     "cache_dir": corpus["data.cache_dir"]},
+            "eval": {"tokens": 256}}
+    yml = tmp_path / "tiny.yaml"
+    yml.write_text(yaml.safe_dump(conf))
+    run_dir = tmp_path / "out" / "sig"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "run_7b.py"), "--config", str(yml), "--no-progress"]
+    p = subprocess.Popen(cmd + ["train.max_steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "done: step" in out
+    (k, path), = ck.list_checkpoints(run_dir)
+    assert 1 <= k < 100000 and ck.read_state(path)["global_step"] == k
+    n = k + 3
+    r = subprocess.run(cmd + ["--resume", str(run_dir), f"train.max_steps={n}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {path}" in r.stderr
+    ref = load_config(str(yml), [f"train.max_steps={n}", "train.run_name=ref"])
+    run(ref)
+    assert_same_checkpoint(os.path.join(tmp_path, "out", "ref", f"checkpoint-{n}"), os.path.join(run_dir, f"checkpoint-{n}"))
+    assert losses(run_dir) == losses(os.path.join(tmp_path, "out", "ref"))
+
+
+def test_package_never_unpickles():
+    pat = re.compile(r"torch\.load\(|torch\.save\(|^\s*(import|from)\s+(pickle|dill|cloudpickle)\b|pickle\.(load|dump)"
+                     r"|weights_only\s*=\s*False", re.M)
+    hits = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "qapollo")):
+        for f in files:
+            if f.endswith(".py"):
+                p = os.path.join(dirpath, f)
+                hits += [f"{p}: {m.group(0)}" for m in pat.finditer(open(p).read())]
+    assert not hits
