@@ -58,15 +58,13 @@ class DataError(ValueError):
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """A token id >= model.vocab_size would index past the embedding table: stop before training."""
-    if tokenizer.vocab_size > model_vocab_size:
+    """The tokenizer and the model must agree on the vocabulary: an id >= model.vocab_size would index past
+    the embedding table, and a larger model vocabulary trains rows no token can ever reach."""
+    if tokenizer.vocab_size != model_vocab_size:
         raise DataError(
             f"tokenizer {tokenizer.name_or_path!r} has vocab_size {tokenizer.vocab_size} but model.vocab_size is "
-            f"{model_vocab_size}: set model.vocab_size={tokenizer.vocab_size} or use a tokenizer with at most "
+            f"{model_vocab_size}: set model.vocab_size={tokenizer.vocab_size} or use a tokenizer with "
             f"{model_vocab_size} tokens")
-    if tokenizer.vocab_size < model_vocab_size:
-        log.warning("model.vocab_size %d > tokenizer vocab %d: %d embedding rows are never used",
-                    model_vocab_size, tokenizer.vocab_size, model_vocab_size - tokenizer.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -186,6 +186,8 @@ def test_local_datasets_directories(tmp_path, tok):
 def test_vocab_mismatch_error(tok):
     with pytest.raises(DataError, match=r"vocab_size 32000 but model.vocab_size is 8000: set model.vocab_size=32000"):
         check_vocab(tok, 8000)
+    with pytest.raises(DataError, match=r"vocab_size 32000 but model.vocab_size is 32768"):
+        check_vocab(tok, 32768)  # a larger model vocab is refused too: those rows could never be used
     check_vocab(tok, 32000)
 
 
