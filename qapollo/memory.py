@@ -1,0 +1,384 @@
+"""Memory planner (arithmetic from a Config alone) and a live-tensor meter for CPU measurements.
+
+`predict_peak(cfg, device_type)` adds up what one training step keeps alive — int8 codes, scales and
+zero points, float params, their optimizer states, APOLLO states — and the largest of the step's
+phases on top of it:
+
+    loss      saved activations + the loss's (N, V) tensors (HF: logits, fp32 upcast, log-softmax,
+              its gradient: 12·N·V bytes at the backward's start; chunked loss: a few MiB)
+    head      saved activations + lm_head's weight gradient + its optimizer update (+ the first step's
+              copy for the startup guard)
+    layer     activations + the largest matrix's backward (dequantized fp32 temporaries 8·m·n bytes,
+              or its weight gradient + the chunked requantization buffers) + activation gradients
+    embed     the embedding's dense gradient + its optimizer update
+
+N = batch·seq tokens, V vocab, h hidden, I intermediate, s bytes of the compute dtype (bf16 on CUDA,
+fp32 on CPU unless model.dtype says otherwise). Saved activations per decoder layer, counted from the
+tensors HF's LlamaDecoderLayer keeps for backward (two RMSNorms (4+2s)·N·h each: fp32 input + normalized
++ weighted output; attention 5·s·N·h: rotated q and k, v, SDPA output, its contiguous copy; MLP
+4·s·N·I: gate, silu(gate), up, their product). With activation checkpointing only each layer's input
+(s·N·h) is kept and one layer is recomputed at a time.
+
+What the prediction means: on CUDA, `torch.cuda.max_memory_allocated` (the CUDA context, ≈0.4 GiB,
+is reported beside it, not in it); on CPU, the peak of live tensor bytes measured by
+`LiveTensorCounter` (and `rss_bytes` adds the process's own ≈0.45 GiB for a peak-RSS estimate).
+The CPU differs from CUDA in two places that are modelled explicitly: fp32 float params by default,
+and bitsandbytes' CPU 8-bit Adam, which dequantizes both states to fp32 (≈18 bytes per element of
+transient; CUDA's fused kernel needs none).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import weakref
+
+import torch
+
+GiB = 1 << 30
+MiB = 1 << 20
+CUDA_CONTEXT_BYTES = int(0.4 * GiB)
+CUBLAS_WORKSPACE_BYTES = 32 * MiB  # cuBLAS(Lt) workspaces come from the caching allocator on Hopper
+CPU_PROCESS_BYTES = int(0.45 * GiB)  # python + torch + transformers + bitsandbytes, before any tensor
+BNB_BLOCK = 256
+BNB_MIN_8BIT = 4096
+UPDATE_CHUNK_ELEMS = 1 << 22  # quant.update_quantized_ row chunks
+LOSS_CHUNK_ELEMS = 1 << 22  # loss.py: N·chunk elements of logits at a time
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '12GB', '800MiB', '1.5G', '123456' → bytes (G/GiB = 2^30, GB = 10^9)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"cannot read a size from '{text}': use e.g. 12GiB, 800MiB, 10GB")
+    num, unit, suffix = float(m.group(1)), m.group(2).upper(), m.group(3) or ""
+    base = 1000 if suffix.upper() == "B" and unit and not suffix.lower().startswith("i") else 1024
+    return int(num * base ** {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit])
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _dtype_bytes(name: str, device_type: str) -> int:
+    if name == "auto":
+        return 2 if device_type == "cuda" else 4
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+
+
+def matrix_shapes(mcfg) -> list[tuple[str, int, int]]:
+    """(name, out, in) of one decoder layer's projections."""
+    h, i = mcfg.hidden_size, mcfg.intermediate_size
+    hd = h // mcfg.num_attention_heads
+    kv = (mcfg.num_key_value_heads or mcfg.num_attention_heads) * hd
+    return [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h),
+            ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+
+
+def _float_optim_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[int, int]:
+    """(persistent state bytes, transient bytes of one update) of one float tensor of n elements."""
+    if kind == "adam8bit":
+        if n < BNB_MIN_8BIT:
+            return 8 * n, 0
+        blocks = -(-n // BNB_BLOCK)
+        state = 2 * n + 2 * 4 * blocks
+        # CUDA: one fused kernel. CPU: both states dequantized to fp32, an fp32 grad copy, sqrt and the
+        # denominator (measured with LiveTensorCounter: 20 bytes/element, fp32 or bf16 params).
+        transient = 0 if device_type == "cuda" else 20 * n
+        return state, transient
+    # torch AdamW: exp_avg and exp_avg_sq like the param; sqrt and denominator temporaries
+    return 2 * s * n, 2 * s * n
+
+
+def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None) -> dict:
+    """The memory plan of one training step of `cfg` on `device_type` ('cuda' or 'cpu'); bytes.
+
+    Returns a dict with the components, each phase's total, 'phase' (the largest), 'peak_bytes'
+    (the prediction: max_memory_allocated on CUDA, peak live tensor bytes on CPU), 'context_bytes'
+    and 'rss_bytes' (CPU: peak + process overhead).
+    """
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    if chunked_loss is None:
+        try:
+            from .loss import loss_is_chunked
+            chunked_loss = loss_is_chunked(cfg)
+        except ImportError:
+            chunked_loss = False
+    s = _dtype_bytes(m.dtype, device_type)
+    h, I, L, V = m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.vocab_size
+    N = t.batch_size * t.seq_len
+    hd = h // m.num_attention_heads
+    kv = (m.num_key_value_heads or m.num_attention_heads) * hd
+    mats = matrix_shapes(m)
+    mat_elems = L * sum(a * b for _, a, b in mats)
+    mn_max = max(a * b for _, a, b in mats)
+    c: dict[str, int] = {}
+
+    # ---- persistent ----------------------------------------------------------------------------
+    float_tensors = [V * h, V * h] + [h] * (2 * L + 1)  # embed, lm_head, norms
+    if m.weight_quant:
+        groups = mat_elems // m.group_size
+        c["int8_codes"] = mat_elems
+        c["int8_scales"] = 4 * groups
+        c["int8_zeros"] = groups
+    else:
+        c["matrix_params"] = s * mat_elems
+    c["float_params"] = s * sum(float_tensors)
+    fkind = "adamw" if o.name == "adamw" else o.float_optim
+    fstate = [_float_optim_bytes(n, fkind, s, device_type) for n in float_tensors]
+    c["float_optim_states"] = sum(a for a, _ in fstate)
+    if o.name == "adamw":
+        c["matrix_optim_states"] = 2 * s * mat_elems
+        c["apollo_states"] = 0
+    else:
+        # M and V (fp32, max(m,n)·rank each) + the projection (fp32, min(m,n)·rank) + prev norm
+        c["apollo_states"] = L * sum(4 * o.rank * (2 * max(a, b) + min(a, b)) + 4 for _, a, b in mats)
+    if t.grad_accum_steps > 1:
+        # hooks only accumulate on earlier micro-batches: one full gradient stays resident (layerwise.py)
+        c["accumulated_grads"] = s * (mat_elems + sum(float_tensors))
+    persistent = sum(c.values())
+
+    # ---- activations -----------------------------------------------------------------------------
+    norm = (4 + 2 * s) * N * h
+    per_layer = 2 * norm + s * N * (3 * h + 2 * kv) + 4 * s * N * I + 4 * N * m.num_attention_heads
+    c_act_full = L * per_layer + norm
+    c_act_ckpt = L * s * N * h + norm
+    ckpt = m.activation_checkpointing
+    acts = c_act_ckpt if ckpt else c_act_full
+    if chunked_loss:
+        ck = max(1, min(V, LOSS_CHUNK_ELEMS // max(1, N)))
+        loss_saved = 8 * N  # per-token logsumexp and target logit (fp32)
+        # one vocab slice: fp32 logits, (z - max) and exp(...) (12 B/elem) + fp32 grad_h and its cast
+        loss_peak = 12 * N * ck + 4 * N * h + s * N * h
+    else:
+        loss_saved = 4 * N * V  # log_softmax output, fp32
+        loss_peak = 12 * N * V  # saved output + its grad + the input's grad (fp32) at the backward start
+
+    # ---- phases ----------------------------------------------------------------------------------
+    # Step 1 differs: the startup guard copies each float tensor before its update ((s+1)·n with the
+    # comparison's bool mask), and the embedding's optimizer states do not exist yet when lm_head steps.
+    first_check = t.check_updates
+    head_t, emb_t = fstate[1][1], fstate[0][1]
+    clone = (s + 1) * V * h if first_check else 0
+    phases = {}
+    phases["loss"] = acts + loss_peak
+    phases["head"] = acts + s * N * h + s * V * h + max(head_t, 0)
+    phases["head (step 1)"] = phases["head"] + clone - fstate[0][0]
+    # one decoder layer's backward: the largest matrix's dequantized fp32 temporaries (8 bytes/elem)
+    # or its weight gradient plus the fp32 row-chunk update buffers, over ~3 activation gradients
+    if m.weight_quant:
+        upd = s * mn_max + 5 * 4 * min(mn_max, UPDATE_CHUNK_ELEMS) + (4 * mn_max if (s != 4 and device_type != "cuda") else 0)
+        mat_t = max(8 * mn_max, upd)
+    elif o.name == "adamw":
+        mat_t = s * mn_max + 2 * s * mn_max
+    else:
+        mat_t = s * mn_max + 4 * mn_max * 2
+    grads = 3 * s * N * max(h, I)
+    if ckpt:
+        phases["layer"] = c_act_ckpt + per_layer + grads + mat_t
+    else:
+        phases["layer"] = c_act_full + grads + mat_t
+    phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + s * V * h + emb_t
+    phases["embed (step 1)"] = phases["embed"] + clone
+    phase = max(phases, key=phases.get)
+    extra = CUBLAS_WORKSPACE_BYTES if device_type == "cuda" else 0
+    peak = persistent + phases[phase] + extra
+    return {
+        "device_type": device_type, "dtype_bytes": s, "tokens": N, "chunked_loss": chunked_loss,
+        "components": c, "persistent_bytes": persistent,
+        "activations_bytes": acts, "activations_full_bytes": c_act_full + loss_saved,
+        "activations_ckpt_bytes": c_act_ckpt + loss_saved, "loss_saved_bytes": loss_saved,
+        "largest_transient": {"dequant_fp32": 8 * mn_max if m.weight_quant else 0,
+                              "matrix_grad": s * mn_max, "embed_or_head_grad": s * V * h,
+                              "logits_loss": loss_peak, "float_optim_update": max(head_t, emb_t),
+                              "first_step_guard_copy": (s + 1) * V * h if first_check else 0},
+        "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
+        "cublas_workspace_bytes": extra,
+        "peak_bytes": peak,
+        "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
+        "rss_bytes": peak + CPU_PROCESS_BYTES if device_type == "cpu" else None,
+    }
+
+
+def one_line(plan: dict, device_name: str = "") -> str:
+    d = device_name or plan["device_type"]
+    tail = (f"+ {fmt(plan['context_bytes'])} CUDA context" if plan["device_type"] == "cuda"
+            else f"≈ {fmt(plan['rss_bytes'])} peak RSS")
+    return (f"memory plan: predicted peak {fmt(plan['peak_bytes'])} on {d} ({plan['phase']} phase; "
+            f"{fmt(plan['persistent_bytes'])} weights+states) {tail}")
+
+
+def format_plan(plan: dict, budget: int | None = None) -> str:
+    c = plan["components"]
+    rows = [("int8 codes", c.get("int8_codes", 0)), ("int8 scales (fp32) + zeros (uint8)",
+            c.get("int8_scales", 0) + c.get("int8_zeros", 0))]
+    if "matrix_params" in c:
+        rows = [("matrix params (float)", c["matrix_params"]), ("matrix optimizer states", c.get("matrix_optim_states", 0))]
+    rows += [(f"float params ({plan['dtype_bytes']} B/elem: embed, lm_head, norms)", c["float_params"]),
+             ("float optimizer states", c["float_optim_states"]),
+             ("APOLLO states (M, V, projection)", c["apollo_states"])]
+    out = [f"memory plan ({plan['device_type']}, {plan['tokens']} tokens/step, "
+           f"{'chunked' if plan['chunked_loss'] else 'full-logits'} loss)"]
+    out += [f"  {k:<52}{fmt(v):>12}" for k, v in rows]
+    out.append(f"  {'= persistent':<52}{fmt(plan['persistent_bytes']):>12}")
+    out.append(f"  {'activations, no checkpointing (+ loss saved)':<52}{fmt(plan['activations_full_bytes']):>12}")
+    out.append(f"  {'activations, checkpointing (+ loss saved)':<52}{fmt(plan['activations_ckpt_bytes']):>12}")
+    out.append("  transients:")
+    for k, v in plan["largest_transient"].items():
+        out.append(f"    {k:<50}{fmt(v):>12}")
+    out.append("  phases (persistent + live at that moment):")
+    for k, v in plan["phases"].items():
+        out.append(f"    {k:<50}{fmt(v):>12}{'  <- peak' if k == plan['phase'] else ''}")
+    if plan["cublas_workspace_bytes"]:
+        out.append(f"  {'cuBLAS workspace':<52}{fmt(plan['cublas_workspace_bytes']):>12}")
+    out.append(f"  {'PREDICTED PEAK':<52}{fmt(plan['peak_bytes']):>12}"
+               + ("  (torch.cuda.max_memory_allocated)" if plan["device_type"] == "cuda" else "  (live tensor bytes)"))
+    if plan["device_type"] == "cuda":
+        out.append(f"  {'CUDA context (not in max_memory_allocated)':<52}{fmt(plan['context_bytes']):>12}")
+    else:
+        out.append(f"  {'peak RSS estimate (+ process)':<52}{fmt(plan['rss_bytes']):>12}")
+    if budget is not None:
+        total = plan["peak_bytes"] + plan["context_bytes"]
+        ok = total <= budget
+        out.append(f"  budget {fmt(budget)}: {'fits' if ok else 'DOES NOT FIT'} "
+                   f"({fmt(total)} incl. context, {fmt(budget - total)} {'left' if ok else 'over'})")
+    return "\n".join(out)
+
+
+def advice(plan: dict) -> str:
+    """What to change when a plan does not fit."""
+    tips = {"loss": "lower train.batch_size or train.seq_len",
+            "layer": "set model.activation_checkpointing=true or lower train.batch_size / train.seq_len",
+            "head": "set model.activation_checkpointing=true, lower train.batch_size, or optim.float_optim=adam8bit",
+            "embed": "use optim.float_optim=adam8bit or a smaller model.vocab_size"}
+    return tips[plan["phase"].split()[0]] + "; or pick a smaller model config"
+
+
+def plan_main(argv: list[str]) -> int:
+    from .config import load_config
+    ap = argparse.ArgumentParser(prog="qapollo plan", description="Print the memory plan of a run config.")
+    ap.add_argument("--config", default=None, help="YAML run config (default: configs/llama_7b.yaml)")
+    ap.add_argument("--budget", default=None, help="memory budget, e.g. 12GiB: say whether the plan fits")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device to plan for (default cuda)")
+    ap.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seq_len=2048")
+    args = ap.parse_args(argv)
+    if args.config is None:
+        from .cli import DEFAULT_CONFIG
+        args.config = DEFAULT_CONFIG
+    cfg = load_config(args.config, args.overrides)
+    plan = predict_peak(cfg, args.device)
+    budget = parse_bytes(args.budget) if args.budget else None
+    if args.json:
+        import json
+        print(json.dumps(plan))
+    else:
+        print(format_plan(plan, budget))
+    if budget is not None and plan["peak_bytes"] + plan["context_bytes"] > budget:
+        print(f"to fit: {advice(plan)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+def _dispatch_base():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    return TorchDispatchMode
+
+
+class LiveTensorCounter(_dispatch_base()):
+    """Peak bytes of live tensor storages allocated while active (CPU: the analogue of CUDA's
+    max_memory_allocated minus block rounding). Counts each fresh output storage once (ops whose
+    outputs alias an input — views, in-place, out= — allocate nothing) and forgets it when the
+    storage dies. Ops implemented in Python outside aten (bitsandbytes' CPU optimizer) are re-dispatched
+    with the meter active, so their internal temporaries are counted too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.cur = 0
+        self.peak = 0
+
+    def reset_peak(self) -> None:
+        self.peak = self.cur
+
+    def _free(self, key: int) -> None:
+        self.cur -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace not in ("aten", "prims", "profiler"):
+            from torch.utils._python_dispatch import _pop_mode, _push_mode
+            dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            if dev.type == "cpu":
+                _push_mode(self)
+                try:
+                    out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+                finally:
+                    _pop_mode()
+                self._count(out)
+                return out
+        out = func(*args, **kwargs)
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            self._count(out)
+        return out
+
+    def _count(self, out) -> None:
+        from torch.utils._pytree import tree_flatten
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                if n and key not in self.live:
+                    self.live[key] = n
+                    self.cur += n
+                    weakref.finalize(st, self._free, key)
+                    if self.cur > self.peak:
+                        self.peak = self.cur
+
+
+def resident_tensor_bytes(*objs) -> int:
+    """Bytes of the distinct storages of the tensors in modules / optimizer states / tensors given."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        elif isinstance(t, dict):
+            for v in t.values():
+                add(v)
+        elif isinstance(t, (list, tuple)):
+            for v in t:
+                add(v)
+
+    for o in objs:
+        if isinstance(o, torch.nn.Module):
+            for t in list(o.parameters()) + list(o.buffers()):
+                add(t)
+        else:
+            add(o)
+    seen.pop(0, None)
+    return sum(seen.values())
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator(mmap_threshold: int = 4 * MiB) -> bool:
+    """glibc: serve every allocation ≥ `mmap_threshold` by its own mmap, returned to the OS on free.
+
+    glibc's default threshold grows (up to 32 MiB) after each large free, after which the step's large
+    transients (dequantized matrices, the float optimizer's fp32 copies) come from the heap and stay in
+    the RSS. A fixed threshold keeps the peak RSS near the peak of live tensors. No-op off glibc.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+        libc.mallopt(_M_TRIM_THRESHOLD, int(2 * mmap_threshold))
+        return ok
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,112 @@
+"""Memory planner vs the live-tensor meter on tiny models, the chunked loss vs HF's, the plan CLI."""
+import gc
+
+import pytest
+import torch
+
+from qapollo.config import load_config
+from qapollo.layerwise import LayerwiseOptimizer
+from qapollo.loss import causal_lm_loss
+from qapollo.memory import LiveTensorCounter, parse_bytes, plan_main, predict_peak, resident_tensor_bytes
+from qapollo.model import build_model, enable_activation_checkpointing
+from tests.helpers import tiny_config
+
+
+def measured_peak(cfg, chunked: bool, steps: int = 2) -> int:
+    """max over steps of (resident model + optimizer states) + peak live bytes during the step."""
+    model = build_model(cfg.model, "cpu", seed=0)
+    model.train()
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, stochastic_round=True)
+    gen = torch.Generator().manual_seed(0)
+    peaks = []
+    for i in range(steps):
+        x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
+        states = [getattr(u, "state", None) for u in opt.updaters.values()]
+        states += [[dict(s) for s in u.opt.state.values()] for u in opt.updaters.values() if hasattr(u, "opt")]
+        base = resident_tensor_bytes(model, states)
+        gc.collect()
+        c = LiveTensorCounter()
+        with c:
+            opt.begin_step(check=False)
+            loss = causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
+            loss.backward()
+            del loss
+            opt.end_step()
+        peaks.append(base + c.peak)
+    return max(peaks)
+
+
+SMALL = [
+    ("configs/llama_20m.yaml", ["train.batch_size=2", "train.seq_len=128"], False),
+    ("configs/llama_20m.yaml", ["train.batch_size=2", "train.seq_len=128", "model.activation_checkpointing=true"], True),
+    ("configs/llama_20m.yaml", ["train.batch_size=2", "train.seq_len=128", "model.dtype=bfloat16"], False),
+    ("configs/llama_20m.yaml", ["train.batch_size=1", "train.seq_len=128", "model.dtype=bfloat16",
+                                "model.activation_checkpointing=true"], True),
+]
+
+
+@pytest.mark.parametrize("path,over,chunked", SMALL)
+def test_prediction_within_10_percent(path, over, chunked):
+    cfg = load_config(path, over + ["train.check_updates=false"])
+    plan = predict_peak(cfg, "cpu", chunked_loss=chunked)
+    meas = measured_peak(cfg, chunked)
+    assert abs(plan["peak_bytes"] - meas) <= 0.10 * meas, (plan["phase"], plan["peak_bytes"], meas)
+
+
+def test_tiny_prediction_within_10_percent():
+    cfg = tiny_config(train__batch_size=4, train__seq_len=64, model__max_position_embeddings=64,
+                      optim__float_optim="adam8bit", train__check_updates=False)
+    for chunked in (False, True):
+        plan = predict_peak(cfg, "cpu", chunked_loss=chunked)
+        meas = measured_peak(cfg, chunked)
+        assert abs(plan["peak_bytes"] - meas) <= 0.10 * meas, (chunked, plan["phase"], plan["peak_bytes"], meas)
+
+
+def test_chunked_loss_saves_memory_and_matches_hf():
+    # 4×256 tokens: the (N, V) loss tensors, not the float optimizer's update, set the peak
+    cfg = load_config("configs/llama_20m.yaml", ["train.batch_size=4", "train.seq_len=256", "train.check_updates=false"])
+    chunked, full = measured_peak(cfg, True, steps=1), measured_peak(cfg, False, steps=1)
+    assert chunked < 0.8 * full
+    for ch, meas in ((True, chunked), (False, full)):
+        assert abs(predict_peak(cfg, "cpu", chunked_loss=ch)["peak_bytes"] - meas) <= 0.10 * meas
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_hf(dtype):
+    cfg = tiny_config(model__weight_quant=False, optim__name="adamw", model__dtype={torch.float32: "float32",
+                      torch.bfloat16: "bfloat16"}[dtype])
+    model = build_model(cfg.model, "cpu", seed=0)
+    x = torch.randint(0, cfg.model.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    ref = model(input_ids=x, labels=x).loss
+    ref.backward()
+    ref_grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = causal_lm_loss(model, x)
+    got.backward()
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: each slice's product is rounded once more
+    for n, p in model.named_parameters():
+        rel = (p.grad.float() - ref_grads[n]).norm() / ref_grads[n].norm().clamp(min=1e-12)
+        assert rel <= tol, (n, rel.item())
+    with torch.no_grad():  # eval path
+        assert abs(causal_lm_loss(model, x).item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+def test_7b_cuda_plan_meets_goals():
+    cfg = load_config("configs/llama_7b.yaml")
+    p256 = predict_peak(cfg, "cuda")
+    assert 6.5 * 2**30 < p256["peak_bytes"] <= 8 * 2**30
+    p2048 = predict_peak(load_config("configs/llama_7b.yaml", ["train.seq_len=2048"]), "cuda")
+    assert p2048["peak_bytes"] <= 10 * 2**30
+    assert p256["components"]["int8_codes"] == 6_476_005_376
+
+
+def test_parse_bytes_and_cli(capsys):
+    assert parse_bytes("12GiB") == 12 * 2**30 and parse_bytes("10GB") == 10**10 and parse_bytes("800MiB") == 800 * 2**20
+    assert plan_main(["--config", "configs/llama_7b.yaml", "--budget", "12GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTED PEAK" in out and "fits" in out
+    assert plan_main(["--config", "configs/llama_7b.yaml", "--budget", "6GiB"]) == 1
