@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .layerwise import LayerwiseOptimizer
+from .loss import causal_lm_loss
 from .metrics import MetricsLog, peak_mem_bytes
 from .model import build_model, count_params, enable_activation_checkpointing
 
@@ -43,6 +44,7 @@ class Trainer:
         from .data import build_data, check_vocab
 
         cfg, t = self.cfg, self.cfg.train
+        self._plan_memory()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
         torch.manual_seed(t.seed)
@@ -58,6 +60,21 @@ class Trainer:
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
         checkpoint.resume(self, resume_from)
 
+    def _plan_memory(self) -> None:
+        """Print the planner's peak; refuse a CUDA run predicted not to fit the device (memory.py)."""
+        from .memory import advice, fmt, one_line, predict_peak, tune_cpu_allocator
+        plan = predict_peak(self.cfg, self.device.type)
+        tqdm.write(one_line(plan, str(self.device)))
+        if self.device.type == "cuda":
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if plan["peak_bytes"] + plan["context_bytes"] > total:
+                raise TrainError(f"predicted peak {fmt(plan['peak_bytes'])} + {fmt(plan['context_bytes'])} CUDA "
+                                 f"context exceeds {torch.cuda.get_device_name(self.device)}'s {fmt(total)}: "
+                                 f"{advice(plan)} (see `qapollo plan`)")
+        else:
+            tune_cpu_allocator()
+
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> float:
         t = self.cfg.train
@@ -66,7 +83,7 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             x = next(self.data.train).to(self.device, non_blocking=True)
             self.opt.begin_step(last_micro=micro == t.grad_accum_steps - 1, check=check)
-            loss = self.model(input_ids=x, labels=x).loss
+            loss = causal_lm_loss(self.model, x)  # = model(input_ids=x, labels=x).loss, no full logits
             loss_val = loss.item()  # a device sync, once per micro-batch: the non-finite guard needs it
             if not math.isfinite(loss_val):
                 raise TrainError(f"loss is {loss_val} at step {self.opt.step_count + 1}: stopping before the "
@@ -84,7 +101,7 @@ class Trainer:
         losses = []
         for x in self.data.val_batches(self.cfg.eval.batch_size):
             x = x.to(self.device)
-            losses.append(self.model(input_ids=x, labels=x).loss.float().item())
+            losses.append(causal_lm_loss(self.model, x).float().item())
         self.model.train()
         loss = sum(losses) / max(1, len(losses))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
