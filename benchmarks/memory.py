@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Measure the memory and speed of N training steps of any config; print ONE JSON line.
+
+    python benchmarks/memory.py --config configs/llama_20m.yaml --steps 3 train.batch_size=4
+    python benchmarks/memory.py --config configs/llama_7b.yaml --steps 3 train.seq_len=2048   # on a GPU
+
+CUDA: peak torch.cuda.max_memory_allocated / max_memory_reserved / num_alloc_retries, step time,
+tokens/s, MFU. CPU: peak RSS and peak live tensor bytes (qapollo.memory.LiveTensorCounter, the
+GPU-equivalent figure; --no-counter skips it, it slows small ops). The planner's prediction sits beside
+the measurement. Batches are random tokens (memory and speed do not depend on their values). The step is
+the trainer's: same model build, checkpointing, in-backward optimizer and loss (--loss hf for HF's).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Peak dense bf16 FLOP/s (no sparsity), by device-name substring.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12,
+              "3090": 71e12, "A6000": 155e12, "V100": 125e12, "T4": 65e12}
+
+
+def flops_per_token(cfg) -> float:
+    """Model FLOPs per trained token (6·params + attention), as in the PaLM/nanoGPT MFU."""
+    m, t = cfg.model, cfg.train
+    from qapollo.memory import matrix_shapes
+    n = m.num_hidden_layers * sum(a * b for _, a, b in matrix_shapes(m)) + m.vocab_size * m.hidden_size
+    return 6 * n + 12 * m.num_hidden_layers * m.hidden_size * t.seq_len
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--loss", default="trainer", choices=["trainer", "hf", "chunked"],
+                    help="trainer: what qapollo.train uses; hf: model(labels=x).loss; chunked: qapollo.loss")
+    ap.add_argument("--no-counter", action="store_true", help="CPU: skip the live tensor counter")
+    ap.add_argument("--label", default="", help="free text copied into the JSON line")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+
+    import torch
+    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from qapollo.config import load_config
+    from qapollo.layerwise import LayerwiseOptimizer, UpdateCheckError
+    from qapollo.memory import LiveTensorCounter, predict_peak, resident_tensor_bytes
+    from qapollo.metrics import peak_rss_bytes
+    from qapollo.model import build_model, enable_activation_checkpointing
+    from qapollo import loss as qloss
+
+    cfg = load_config(args.config, args.overrides + [f"train.device={'cuda' if want_cuda else 'cpu'}"])
+    dev = torch.device("cuda" if want_cuda else "cpu")
+    chunked = {"trainer": qloss.loss_is_chunked(cfg), "hf": False, "chunked": True}[args.loss]
+    plan = predict_peak(cfg, dev.type, chunked_loss=chunked)
+    rec = {"label": args.label, "config": args.config, "overrides": args.overrides, "device": dev.type,
+           "device_name": torch.cuda.get_device_name(dev) if want_cuda else "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+           "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+           "activation_checkpointing": cfg.model.activation_checkpointing, "loss": "chunked" if chunked else "hf",
+           "predicted_peak_bytes": plan["peak_bytes"], "predicted_phase": plan["phase"],
+           "predicted_persistent_bytes": plan["persistent_bytes"]}
+    t0 = time.perf_counter()
+    model = build_model(cfg.model, dev, seed=cfg.train.seed)
+    model.train()
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    opt = LayerwiseOptimizer(model, cfg.optim, max(cfg.train.max_steps, args.steps), seed=cfg.train.seed,
+                             stochastic_round=cfg.model.stochastic_round)
+    rec["build_s"] = round(time.perf_counter() - t0, 2)
+    gen = torch.Generator().manual_seed(0)
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    use_counter = dev.type == "cpu" and not args.no_counter
+
+    def states():
+        out = []
+        for u in opt.updaters.values():
+            out.append(getattr(u, "state", None))
+            if hasattr(u, "opt"):
+                out.append([dict(s) for s in u.opt.state.values()])
+        return out
+
+    times, live_peaks = [], []
+    if want_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+    for i in range(args.steps):
+        x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen).to(dev)
+        check = i == 0 and cfg.train.check_updates
+        counter = LiveTensorCounter() if use_counter else None
+        base = resident_tensor_bytes(model, states()) if use_counter else 0
+        gc.collect()
+        ts = time.perf_counter()
+        if counter:
+            counter.__enter__()
+        try:
+            opt.begin_step(last_micro=True, check=check)
+            loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
+            loss_val = loss.item()
+            loss.backward()
+            del loss
+            try:
+                opt.end_step(check=check)
+            except UpdateCheckError as e:  # record it (bf16 norms may not move at warmup lr), go on
+                rec["startup_check_error"] = str(e)[:300]
+                opt.count_changes = False
+                opt.step_count += 1
+        finally:
+            if counter:
+                counter.__exit__(None, None, None)
+        if want_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - ts)
+        if counter:
+            live_peaks.append(base + counter.peak)
+        rec.setdefault("first_loss", loss_val)
+    rec["step_times_s"] = [round(t, 3) for t in times]
+    timed = times[1:] if len(times) > 1 else times  # the first step creates optimizer states
+    med = statistics.median(timed)
+    rec["step_time_median_s"] = round(med, 4)
+    rec["tokens_per_s"] = round(B * T / med, 1)
+    if want_cuda:
+        rec["max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
+        rec["max_memory_reserved"] = torch.cuda.max_memory_reserved(dev)
+        rec["num_alloc_retries"] = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
+        rec["num_ooms"] = torch.cuda.memory_stats(dev).get("num_ooms", 0)
+        name = rec["device_name"]
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        rec["peak_flops"] = peak
+        rec["mfu"] = round(flops_per_token(cfg) * B * T / med / peak, 4) if peak else None
+        measured = rec["max_memory_allocated"]
+    else:
+        rec["peak_rss_bytes"] = peak_rss_bytes()
+        rec["predicted_rss_bytes"] = plan["rss_bytes"]
+        if live_peaks:
+            rec["peak_live_tensor_bytes"] = max(live_peaks)
+            rec["live_peak_per_step"] = live_peaks
+        measured = rec.get("peak_live_tensor_bytes")
+    if measured:
+        rec["predicted_over_measured"] = round(plan["peak_bytes"] / measured, 4)
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
