@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192, help="BPE vocab trained on the corpus; 0: shipped 32k")
     ap.add_argument("--seq-len", type=int, default=256)
