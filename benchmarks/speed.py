@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per method (after 1 warm-up each)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--group", type=int, default=32, help="int8 group size (60M: 128 does not divide 1376)")
+    ap.add_argument("--group", type=int, default=128, help="int8 group size (the paper's 128)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
 
@@ -35,7 +35,6 @@ def main(argv=None) -> int:
     from qapollo.loss import causal_lm_loss
     from qapollo.model import build_model
 
-    # configs/llama_60m.yaml has group_size 128, which does not divide its intermediate 1376: --group 32
     common = [f"model.group_size={args.group}", f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", "model.activation_checkpointing=false",
               "train.device=cpu", "model.dtype=float32"]
     methods = {"q_apollo_mini_int8": common,

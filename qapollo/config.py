@@ -252,9 +252,11 @@ def validate(cfg: Config) -> None:
     need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size must be divisible by model.num_attention_heads")
     need(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype must be auto/float32/bfloat16/float16, got '{m.dtype}'")
     if m.weight_quant:
-        need(m.group_size > 0 and m.hidden_size % m.group_size == 0 and m.intermediate_size % m.group_size == 0,
-             f"model.group_size {m.group_size} must divide hidden_size {m.hidden_size} and intermediate_size "
-             f"{m.intermediate_size} (int8 groups run along the input dimension)")
+        kv = (m.num_key_value_heads or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+        sizes = {m.hidden_size * m.hidden_size, kv * m.hidden_size, m.intermediate_size * m.hidden_size}
+        need(m.group_size > 0 and all(n % m.group_size == 0 for n in sizes),
+             f"model.group_size {m.group_size} must divide the size of every projection matrix "
+             f"(hidden {m.hidden_size}, intermediate {m.intermediate_size}); try 128, 64 or 32")
         need(o.name != "adamw", "optim.name=adamw needs float weights: set model.weight_quant=false")
     need(t.batch_size >= 1 and t.seq_len >= 2, "train.batch_size must be >= 1 and train.seq_len >= 2")
     need(t.seq_len <= m.max_position_embeddings, f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")

@@ -164,11 +164,13 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     phases["loss"] = acts + loss_peak
     phases["head"] = acts + s * N * h + s * V * h + max(head_t, 0)
     phases["head (step 1)"] = phases["head"] + clone - fstate[0][0]
-    # one decoder layer's backward: the largest matrix's dequantized fp32 temporaries (8 bytes/elem)
-    # or its weight gradient plus the fp32 row-chunk update buffers, over ~3 activation gradients
+    # one decoder layer's backward: the largest matrix dequantized (fp32: whole, 8 bytes/elem of
+    # temporaries; bf16: chunk by chunk into a 2-byte output, quant.dequantize_chunked) or its weight
+    # gradient plus the fp32 row-chunk update buffers, over ~3 activation gradients
+    dequant_t = 8 * mn_max if s == 4 else s * mn_max + 12 * min(mn_max, UPDATE_CHUNK_ELEMS)
     if m.weight_quant:
         upd = s * mn_max + 5 * 4 * min(mn_max, UPDATE_CHUNK_ELEMS) + (4 * mn_max if (s != 4 and device_type != "cuda") else 0)
-        mat_t = max(8 * mn_max, upd)
+        mat_t = max(dequant_t, upd)
     elif o.name == "adamw":
         mat_t = s * mn_max + 2 * s * mn_max
     else:
@@ -188,7 +190,7 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         "components": c, "persistent_bytes": persistent,
         "activations_bytes": acts, "activations_full_bytes": c_act_full + loss_saved,
         "activations_ckpt_bytes": c_act_ckpt + loss_saved, "loss_saved_bytes": loss_saved,
-        "largest_transient": {"dequant_fp32": 8 * mn_max if m.weight_quant else 0,
+        "largest_transient": {"dequantize": dequant_t if m.weight_quant else 0,
                               "matrix_grad": s * mn_max, "embed_or_head_grad": s * V * h,
                               "logits_loss": loss_peak, "float_optim_update": max(head_t, emb_t),
                               "first_step_guard_copy": (s + 1) * V * h if first_check else 0},

@@ -79,22 +79,18 @@ class Int8Linear(nn.Module):
         return (self.out_features, self.in_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return quant.dequantize(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
+        return quant.dequantize_chunked(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     @torch.no_grad()
     def init_normal_(self, std: float, seed: int) -> None:
         """Draw N(0, std) row chunk by row chunk and round to nearest: no full float copy exists."""
         gen = torch.Generator(device=self.weight_codes.device)
         gen.manual_seed(seed)
-        step = quant.rows_per_chunk(self.shape)
-        gpr = self.in_features // self.group_size
-        for r0 in range(0, self.out_features, step):
-            r1 = min(self.out_features, r0 + step)
-            w = torch.randn((r1 - r0, self.in_features), generator=gen, device=self.weight_codes.device) * std
-            c, s, z = quant.quantize(w, self.group_size, self.weight_scale.dtype)
-            self.weight_codes[r0:r1] = c
-            self.weight_scale[r0 * gpr:r1 * gpr] = s
-            self.weight_zero[r0 * gpr:r1 * gpr] = z
+        for rows, gs in quant.row_chunks(self.shape, self.group_size):
+            n = rows.stop - rows.start
+            w = torch.randn((n, self.in_features), generator=gen, device=self.weight_codes.device) * std
+            self.weight_codes[rows], self.weight_scale[gs], self.weight_zero[gs] = \
+                quant.quantize(w, self.group_size, self.weight_scale.dtype)
 
     def receive_grad(self, grad: torch.Tensor) -> None:
         if self.grad_hook is not None:
@@ -173,12 +169,27 @@ def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0) -> Llam
             gen = torch.Generator(device=device)
             gen.manual_seed(tensor_seed(seed, name))
             # randn in fp32 then cast: the same init on every dtype
-            for r0 in range(0, p.shape[0], quant.rows_per_chunk(tuple(p.shape))):
-                r1 = min(p.shape[0], r0 + quant.rows_per_chunk(tuple(p.shape)))
-                p[r0:r1] = (torch.randn((r1 - r0,) + tuple(p.shape[1:]), generator=gen, device=device) * std).to(p.dtype)
+            for rows, _ in quant.row_chunks(tuple(p.shape), 1):
+                n = rows.stop - rows.start
+                p[rows] = (torch.randn((n, p.shape[1]), generator=gen, device=device) * std).to(p.dtype)
+    if dtype != torch.float32:
+        _keep_norms_fp32(model)
     # Rotary frequencies were buffers on meta: recompute them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg).to(device)
     return model
+
+
+def _keep_norms_fp32(model: nn.Module) -> None:
+    """RMSNorm weights stay fp32 when the model computes in bf16/fp16 (8 KB each at 7B).
+
+    A bf16 weight of 1.0 has a 0.0078 ulp: every Adam update smaller than half that (all of warmup at
+    lr 0.01) would be rounded away and the norms would silently never train. Their output is cast back
+    to the input's dtype so the rest of the model still computes in bf16.
+    """
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            mod.float()
+            mod.register_forward_hook(lambda m, args, out: out.to(args[0].dtype))
 
 
 def count_params(model: nn.Module) -> dict:

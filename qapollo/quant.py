@@ -1,8 +1,10 @@
 """int8 group-wise weight format and rounding (pure tensor math).
 
-Format (Q-GaLore / Q-APOLLO, group size 128 along the input dimension):
+Format (Q-GaLore / Q-APOLLO, group size 128):
     codes  uint8 (out, in)              the weight, 256 levels per group
-    scale  (out*in/g,) fp32             one step size per group of g contiguous inputs
+    scale  (out*in/g,) fp32             one step size per group of g consecutive elements of the
+                                        row-major matrix (a group may run on into the next row when
+                                        the input size is not a multiple of g, e.g. 1376 or 5461)
     zero   uint8 (out*in/g,)            integer zero point per group
     w = (code - zero) * scale
 
@@ -12,6 +14,8 @@ PR #10841 found in a Q-GaLore port). The arithmetic runs in fp32: in bf16 most u
 quantization step are lost before rounding sees them (reference_algorithms.md §3.4).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,9 +28,9 @@ _SCALE_TOL = 1e-6  # relative scale changes below this are fp32 noise, not an up
 
 
 def group_view(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(out, in) → (out*in/g, g): groups of g contiguous elements of a row."""
-    if t.shape[-1] % group_size:
-        raise ValueError(f"input dim {t.shape[-1]} is not a multiple of group_size {group_size}")
+    """(out, in) → (out*in/g, g): groups of g consecutive elements in row-major order."""
+    if t.numel() % group_size:
+        raise ValueError(f"a {tuple(t.shape)} tensor does not split into groups of {group_size}")
     return t.reshape(-1, group_size)
 
 
@@ -78,9 +82,33 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     return dequantize_groups(group_view(codes, group_size), scale, zero, dtype).reshape(codes.shape)
 
 
-def rows_per_chunk(shape: tuple[int, int], max_elems: int = 1 << 22) -> int:
-    """Rows of an (out, in) matrix processed at once, so fp32 transients stay ≤ max_elems (16 MB)."""
-    return max(1, min(shape[0], max_elems // max(1, shape[1])))
+def rows_per_chunk(shape: tuple[int, int], group_size: int = 1, max_elems: int = 1 << 22) -> int:
+    """Rows of an (out, in) matrix processed at once, so fp32 transients stay ≤ max_elems (16 MB).
+
+    A multiple of g / gcd(in, g) rows, so every chunk holds whole groups."""
+    unit = group_size // math.gcd(shape[1], group_size)
+    rows = max(unit, (max_elems // max(1, shape[1])) // unit * unit)
+    return min(shape[0], rows)
+
+
+def row_chunks(shape: tuple[int, int], group_size: int, max_elems: int = 1 << 22):
+    """(row slice, group slice) pairs covering an (out, in) matrix in whole groups."""
+    step = rows_per_chunk(shape, group_size, max_elems)
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        yield slice(r0, r1), slice(r0 * shape[1] // group_size, r1 * shape[1] // group_size)
+
+
+def dequantize_chunked(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                       dtype: torch.dtype, max_elems: int = 1 << 22) -> torch.Tensor:
+    """dequantize() into a `dtype` tensor chunk by chunk: the fp32 intermediates of the whole matrix
+    (8 bytes per weight) never exist, only the output (2 bytes per weight in bf16)."""
+    if dtype == torch.float32:
+        return dequantize(codes, scale, zero, group_size)
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems):
+        out[rows] = dequantize(codes[rows], scale[gs], zero[gs], group_size, dtype)
+    return out
 
 
 @torch.no_grad()
@@ -94,13 +122,8 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     many codes, scales or zero points changed (the startup guard's proof that the write happened; it
     costs a device sync, so it is off in the steady state); else 0.
     """
-    out_f, in_f = codes.shape
-    gpr = in_f // group_size  # groups per row
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)
-    step = rows_per_chunk((out_f, in_f), max_elems)
-    for r0 in range(0, out_f, step):
-        rows = slice(r0, min(out_f, r0 + step))
-        gs = slice(rows.start * gpr, rows.stop * gpr)
+    for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems):
         c = codes[rows]
         w = dequantize(c, scale[gs], zero[gs], group_size)
         w += delta_fn(rows, w)

@@ -147,3 +147,24 @@ def test_gradient_accumulation_equals_big_batch_for_float_path():
     o2.end_step()
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), k
+
+
+def test_bf16_model_passes_the_startup_check():
+    """bf16 compute: norms are kept fp32, so even a warmup-sized first update changes every tensor."""
+    cfg = tiny_config(model__dtype="bfloat16")
+    cfg.optim.warmup_steps = 1000  # first lr = 1e-5: far below a bf16 ulp of 1.0
+    model, opt, x = make(cfg)
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    opt.begin_step(check=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.end_step(check=True)
+
+
+def test_paper_intermediate_sizes_build():
+    cfg = tiny_config(model__intermediate_size=344)  # 128*344 = 344 groups of 128 spanning rows
+    model, opt, x = make(cfg)
+    opt.begin_step(check=True)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.end_step(check=True)

@@ -78,3 +78,22 @@ def test_requantization_is_idempotent():
             assert n == 0
         assert torch.equal(c, c0) and torch.equal(z, z0)
         assert torch.allclose(s.float(), s0.float(), rtol=1e-6, atol=0)
+
+
+def test_groups_may_span_rows():
+    """Paper shapes such as 512x1376 (60M down_proj) have rows that are not a multiple of 128."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 48) * 0.02  # 1536 elements = 12 groups of 128, each spanning 8/3 rows
+    c0, s0, z0 = quant.quantize(w, 128)
+    back = quant.dequantize(c0, s0, z0, 128)
+    assert (back - w).abs().max() <= 0.5 * s0.max() + 1e-7
+    assert quant.rows_per_chunk((32, 48), 128, max_elems=100) == 8  # whole groups per chunk
+    upd = torch.randn(32, 48) * 1e-3
+    res = []
+    for max_elems in (100, 1 << 22):
+        c, s, z = c0.clone(), s0.clone(), z0.clone()
+        quant.update_quantized_(c, s, z, 128, lambda rows, wr: upd[rows].clone(), False, None, max_elems=max_elems)
+        res.append(quant.dequantize(c, s, z, 128))
+    assert torch.equal(res[0], res[1])
+    bf = quant.dequantize_chunked(c0, s0, z0, 128, torch.bfloat16, max_elems=100)
+    assert torch.equal(bf, back.to(torch.bfloat16))
