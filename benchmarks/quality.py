@@ -88,6 +88,8 @@ def run_one(cfg: Config, method: str) -> dict:
     tr = Trainer(cfg, progress=False)
     tr.setup()
     res = tr.fit()
+    if tr.stop_requested:  # Ctrl-C / SIGTERM: the trainer saved and stopped; stop the ablation too
+        raise SystemExit(f"interrupted during {cfg.train.run_name}")
     wall = time.perf_counter() - t0
     ev = tr.last_eval or tr.evaluate()
     row = {"method": method, "lr": cfg.optim.lr, "seed": cfg.train.seed, "tokens": tr.tokens_seen,
