@@ -85,8 +85,8 @@ def main(argv=None) -> int:
         out = []
         for u in opt.updaters.values():
             out.append(getattr(u, "state", None))
-            if hasattr(u, "opt"):
-                out.append([dict(s) for s in u.opt.state.values()])
+            if hasattr(u, "chunks"):
+                out.append(list(u.state_dict()[0].values()))
         return out
 
     times, live_peaks = [], []

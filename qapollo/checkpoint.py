@@ -145,10 +145,8 @@ def optimizer_state(opt) -> tuple[dict[str, torch.Tensor], dict]:
                 state["proj"] = st["proj"]
             kind, scalars = "apollo", {}
         else:
-            raw = upd.opt.state.get(upd.param, {})
-            state = {k: v for k, v in raw.items() if torch.is_tensor(v)}
-            scalars = {k: v for k, v in raw.items() if not torch.is_tensor(v)}
-            kind = type(upd.opt).__name__
+            state, scalars = upd.state_dict()
+            kind = type(upd.chunks[0][2]).__name__
         for k, v in state.items():
             tensors[f"{name}.{k}"] = v
         layout[name] = {"kind": kind, "tensors": sorted(state), "scalars": scalars}
@@ -466,8 +464,8 @@ def validate(trainer, ckpt: str) -> dict:
                           "proj": projection_shape(tuple(upd.target.shape), upd.o.rank)}
                 need = {"step", "seed", "exp_avg", "exp_avg_sq", "prev_norm"}
             else:
-                p = tuple(upd.param.shape)
-                shapes = {"exp_avg": p, "exp_avg_sq": p, "state1": p, "state2": p}
+                shapes = {f"c{i}.{k}": tuple(view.shape) for i, (_, view, _) in enumerate(upd.chunks)
+                          for k in ("exp_avg", "exp_avg_sq", "state1", "state2")}
                 need = set()
             missing = sorted(need - set(entry["tensors"]))
             if missing:
@@ -532,16 +530,7 @@ def load_optimizer(opt, path: str) -> None:
                     st[k] = t[k].to(dev)
                 st["proj"] = t["proj"].to(dev) if "proj" in t else None
                 continue
-            p = upd.param
-            new = dict(entry["scalars"])
-            for k, v in t.items():
-                if k == "step":  # torch keeps AdamW's step tensor on the CPU (non-capturable)
-                    new[k] = v
-                elif isinstance(upd.opt, torch.optim.AdamW) and v.is_floating_point():
-                    new[k] = v.to(p.device, p.dtype)  # what torch's own load_state_dict does
-                else:
-                    new[k] = v.to(p.device)  # bitsandbytes: uint8 states, fp32 absmax/qmap as saved
-            upd.opt.state[p] = new
+            upd.load_state_dict(t, entry["scalars"])
 
 
 def load_rng(path: str) -> None:

@@ -86,25 +86,71 @@ class ApolloUpdater:
 
 
 class TorchAdamUpdater:
-    """One float tensor with a per-tensor optimizer: bitsandbytes 8-bit Adam or torch AdamW."""
+    """One float tensor with per-tensor optimizers: bitsandbytes 8-bit AdamW or torch AdamW.
+
+    Large tensors (embedding, lm_head: 131M elements at 7B) are updated in row chunks, each chunk a
+    Parameter *view* of the tensor with its own optimizer: bitsandbytes' CPU path dequantizes both 8-bit
+    states to fp32 (≈ 20 bytes of transient per element, 2.4 GiB at 7B) and chunking bounds that. The
+    chunks hold whole 4096-element blocks, so the blockwise 8-bit states are the same as unchunked.
+    """
+
+    CHUNK_ELEMS = 1 << 22
 
     def __init__(self, name: str, param: nn.Parameter, kind: str, ocfg, weight_decay: float):
         self.name, self.param = name, param
         betas = (ocfg.beta1, ocfg.beta2)
         if kind == "adam8bit":
             import bitsandbytes as bnb  # used as a library, never subclassed
-            self.opt = bnb.optim.AdamW8bit([param], lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
+            make = lambda ps: bnb.optim.AdamW8bit(ps, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
         else:
-            self.opt = torch.optim.AdamW([param], lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
+            make = lambda ps: torch.optim.AdamW(ps, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
+        self.chunks = []  # (row slice, Parameter view, optimizer)
+        rows = self._rows_per_chunk(tuple(param.shape))
+        for r0 in range(0, param.shape[0] if param.dim() else 1, rows):
+            sl = slice(r0, min(param.shape[0], r0 + rows)) if param.dim() else slice(None)
+            view = param if rows >= (param.shape[0] if param.dim() else 1) else nn.Parameter(param.data[sl])
+            self.chunks.append((sl, view, make([view])))
+
+    def _rows_per_chunk(self, shape: tuple) -> int:
+        if len(shape) < 2:
+            return shape[0] if shape else 1
+        row = math.prod(shape[1:])
+        unit = 4096 // math.gcd(row, 4096)  # rows per whole number of 4096-element blocks
+        return max(unit, self.CHUNK_ELEMS // row // unit * unit)
 
     def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
         p = self.param
-        p.grad = grad
         before = p.detach().clone() if count_changes else None
-        self.opt.param_groups[0]["lr"] = lr
-        self.opt.step()
+        for sl, view, opt in self.chunks:
+            view.grad = grad if view is p else grad[sl]
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+            view.grad = None
         p.grad = None
         return int((p.detach() != before).sum()) if count_changes else 0
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, scalars) keyed `c<i>.<key>`: the raw state of each chunk's optimizer."""
+        tensors, scalars = {}, {}
+        for i, (_, view, opt) in enumerate(self.chunks):
+            for k, v in opt.state.get(view, {}).items():
+                (tensors if torch.is_tensor(v) else scalars)[f"c{i}.{k}"] = v
+        return tensors, scalars
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        for i, (_, view, opt) in enumerate(self.chunks):
+            new = {k.split(".", 1)[1]: v for k, v in scalars.items() if k.startswith(f"c{i}.")}
+            for key, v in tensors.items():
+                if not key.startswith(f"c{i}."):
+                    continue
+                k = key.split(".", 1)[1]
+                if k == "step":  # torch keeps AdamW's step tensor on the CPU (non-capturable)
+                    new[k] = v
+                elif isinstance(opt, torch.optim.AdamW) and v.is_floating_point():
+                    new[k] = v.to(view.device, view.dtype)  # what torch's own load_state_dict does
+                else:
+                    new[k] = v.to(view.device)  # bitsandbytes: uint8 states, fp32 absmax/qmap as saved
+            opt.state[view] = new
 
 
 class LayerwiseOptimizer:
@@ -187,7 +233,7 @@ class LayerwiseOptimizer:
             if isinstance(u, ApolloUpdater):
                 tensors = [v for v in u.state.values() if torch.is_tensor(v)]
             else:
-                tensors = [v for st in u.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+                tensors = list(u.state_dict()[0].values())
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 

@@ -43,6 +43,7 @@ CPU_PROCESS_BYTES = int(0.45 * GiB)  # python + torch + transformers + bitsandby
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
 UPDATE_CHUNK_ELEMS = 1 << 22  # quant.update_quantized_ row chunks
+FLOAT_CHUNK_ELEMS = 1 << 22  # layerwise.TorchAdamUpdater.CHUNK_ELEMS (float tensors' optimizer chunks)
 LOSS_CHUNK_ELEMS = 1 << 22  # loss.py: N·chunk elements of logits at a time
 
 
@@ -83,11 +84,12 @@ def _float_optim_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[int
         blocks = -(-n // BNB_BLOCK)
         state = 2 * n + 2 * 4 * blocks
         # CUDA: one fused kernel. CPU: both states dequantized to fp32, an fp32 grad copy, sqrt and the
-        # denominator (measured with LiveTensorCounter: 20 bytes/element, fp32 or bf16 params).
-        transient = 0 if device_type == "cuda" else 20 * n
+        # denominator (measured with LiveTensorCounter: 20 bytes/element, fp32 or bf16 params), for one
+        # row chunk at a time (layerwise.TorchAdamUpdater.CHUNK_ELEMS).
+        transient = 0 if device_type == "cuda" else 20 * min(n, FLOAT_CHUNK_ELEMS)
         return state, transient
-    # torch AdamW: exp_avg and exp_avg_sq like the param; sqrt and denominator temporaries
-    return 2 * s * n, 2 * s * n
+    # torch AdamW: exp_avg and exp_avg_sq like the param; sqrt and denominator temporaries (per chunk)
+    return 2 * s * n, 2 * s * min(n, FLOAT_CHUNK_ELEMS)
 
 
 def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None) -> dict:

@@ -24,7 +24,7 @@ def measured_peak(cfg, chunked: bool, steps: int = 2) -> int:
     for i in range(steps):
         x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
         states = [getattr(u, "state", None) for u in opt.updaters.values()]
-        states += [[dict(s) for s in u.opt.state.values()] for u in opt.updaters.values() if hasattr(u, "opt")]
+        states += [list(u.state_dict()[0].values()) for u in opt.updaters.values() if hasattr(u, "chunks")]
         base = resident_tensor_bytes(model, states)
         gc.collect()
         c = LiveTensorCounter()
