@@ -66,6 +66,15 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = False, "apollo", "channel", args.hidden // 4, 1.0
     elif method == "apollo_mini":
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = False, "apollo_mini", "tensor", 1, 128.0
+    elif method == "apollo_mini_no_limiter":  # diagnosis: the norm-growth limiter under small batches
+        m.weight_quant, o.name, o.scale_type, o.rank, o.scale = False, "apollo_mini", "tensor", 1, 128.0
+        o.norm_growth_limit = 0.0
+    elif method == "q_apollo_mini_no_limiter":
+        m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
+        o.norm_growth_limit = 0.0
+    elif method in ("apollo_mini_peak_limiter", "q_apollo_mini_peak_limiter"):
+        m.weight_quant, o.name, o.scale_type, o.rank, o.scale = method.startswith("q_"), "apollo_mini", "tensor", 1, 128.0
+        o.limiter_decay = 0.99
     elif method in ("q_apollo_mini", "q_apollo_mini_rtn"):
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
         m.stochastic_round = method == "q_apollo_mini"
@@ -105,6 +114,8 @@ def plan(args) -> list[tuple[str, float, int]]:
     runs += [("apollo", args.lr, 0), ("apollo_mini", args.lr, 0), ("q_apollo_mini", args.lr, 0),
              ("q_apollo_mini_rtn", args.lr, 0)]
     runs += [("apollo_mini", args.lr, 1), ("q_apollo_mini", args.lr, 1)]
+    if args.only:
+        runs = [(m, args.lr, s) for m in args.only for s in args.seeds]
     return runs
 
 
@@ -121,6 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--lr", type=float, default=0.01, help="APOLLO lr (the paper's 0.01)")
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    ap.add_argument("--only", nargs="+", default=None, help="run just these methods (at --lr), e.g. apollo_mini_no_limiter")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --only")
+    ap.add_argument("--results-name", default="quality", help="file stem of the results json/png")
     ap.add_argument("--run-root", default="checkpoints/quality")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny eval, results under /tmp")
@@ -132,17 +146,18 @@ def main(argv=None) -> int:
     if args.vocab:
         args.tokenizer = ablation_tokenizer(args.vocab, args.run_root)
     rows = [run_one(method_config(args, m, lr, s), m) for m, lr, s in plan(args)]
-    best = min((r for r in rows if r["method"] == "adamw"), key=lambda r: r["val_loss"])
+    adamw = [r for r in rows if r["method"] == "adamw"]
+    best = min(adamw, key=lambda r: r["val_loss"]) if adamw else None
     for r in rows:
         if r["method"] == "adamw":
             r["method"] = "adamw" if r is best else f"adamw_lr{r['lr']:g}"
     setup = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size",
                                            "seq_len", "eval_tokens", "lr", "vocab")}
-    with open(os.path.join(args.out, "quality.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.results_name}.json"), "w") as f:
         json.dump({"setup": setup, "machine": machine(), "runs": rows}, f, indent=1)
     curves = {f"{r['method']} (s{r['seed']})": read_metrics(os.path.join(r["run_dir"], "metrics.jsonl"))
               for r in rows}
-    plot_runs(curves, os.path.join(args.out, "quality.png"),
+    plot_runs(curves, os.path.join(args.out, f"{args.results_name}.png"),
               title=f"LLaMA {args.hidden}x{args.layers}, {rows[0]['tokens']:,} tokens, shipped corpus")
     print(table(rows))
     return 0

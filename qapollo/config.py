@@ -58,6 +58,7 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     norm_growth_limit: float = 1.01  # gamma of the norm-growth limiter; 0 disables it
+    limiter_decay: float = 0.0  # 0: the paper's limiter; d>0: reference norm = max(last, d·reference)
     # optimizer of the float tensors (embeddings, norms, lm_head): adam8bit (bitsandbytes) | adamw (torch)
     float_optim: str = "adam8bit"
     float_lr: float | None = None  # None: same lr as the matrices
@@ -245,6 +246,7 @@ def validate(cfg: Config) -> None:
     need(o.proj == "random", f"optim.proj must be 'random' (the only projection implemented), got '{o.proj}'")
     need(o.float_optim in ("adam8bit", "adamw"), f"optim.float_optim must be adam8bit or adamw, got '{o.float_optim}'")
     need(o.rank >= 1, "optim.rank must be >= 1")
+    need(0 <= o.limiter_decay < 1, "optim.limiter_decay must be in [0, 1)")
     need(o.update_proj_gap >= 1, "optim.update_proj_gap must be >= 1")
     need(o.lr > 0, "optim.lr must be > 0")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")

@@ -54,7 +54,8 @@ class ApolloUpdater:
         o = self.o
         c = apollo.apollo_multiplier(grad, self.state, rank=o.rank, scale_type=o.scale_type,
                                      update_proj_gap=o.update_proj_gap, beta1=o.beta1, beta2=o.beta2,
-                                     eps=o.eps, norm_growth_limit=o.norm_growth_limit)
+                                     eps=o.eps, norm_growth_limit=o.norm_growth_limit,
+                                     limiter_decay=o.limiter_decay)
         alpha = math.sqrt(o.scale)
         wd = o.weight_decay
 

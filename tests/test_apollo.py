@@ -89,3 +89,22 @@ def test_projection_distribution_and_side():
     assert abs(p.var().item() - 0.25) < 0.02  # N(0, 1/r)
     assert apollo.make_projection((100, 300), 2, seed=5, device="cpu").shape == (100, 2)
     assert torch.equal(p, apollo.make_projection((4096, 512), 4, seed=5, device="cpu"))
+
+
+def test_peak_hold_limiter_does_not_ratchet_down_after_a_dip():
+    shape = (16, 16)
+    G = torch.randn(shape, dtype=torch.float64)
+    norms = {}
+    for decay in (0.0, 0.99):
+        state = apollo.init_state(shape, 1, 3, "cpu")
+        out = []
+        for scale in (1.0, 0.1, 1.0):  # a noisy dip, then back to the usual level
+            c = apollo.apollo_multiplier(G * scale, state, rank=1, scale_type="tensor", update_proj_gap=200,
+                                         limiter_decay=decay)
+            out.append(torch.linalg.norm(c * G * scale).item())
+        norms[decay] = out
+    # paper limiter: after the dip the update may only grow 1% over the dipped norm
+    assert norms[0.0][2] <= 1.01 * norms[0.0][1] * (1 + 1e-9)
+    # peak hold: the cap stays near the level before the dip
+    assert norms[0.99][2] > 5 * norms[0.0][2]
+    assert norms[0.99][2] <= 1.01 * max(norms[0.99][1], 0.99 * norms[0.99][0]) * (1 + 1e-6)  # 1e-8 eps

@@ -72,11 +72,17 @@ def project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 
 def apollo_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type: str, update_proj_gap: int,
                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                      norm_growth_limit: float = 1.01) -> torch.Tensor:
+                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
     """Advance `state` by one step and return c with U = c ⊙ G (limiter applied, √scale not applied).
 
     c is a 0-d tensor (tensor-wise) or an (m,1) / (1,n) tensor (channel-wise), in the math dtype
     (fp32, or fp64 for fp64 gradients: the tests replay the equations in fp64).
+
+    limiter_decay = 0 is the paper's limiter: the reference norm is the last (limited) one. With small
+    noisy batches that reference ratchets down (any dip lowers it, growth back is capped at 1%/step), so
+    limiter_decay = d > 0 holds the reference at max(‖U_t‖, d·reference): dips no longer shrink the cap,
+    a sudden jump above the recent level is still cut to γ×, and the reference follows a real decline
+    at (1-d) per step.
     """
     shape = tuple(grad.shape)
     math_dtype = torch.promote_types(grad.dtype, torch.float32)
@@ -112,5 +118,8 @@ def apollo_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
             rho = torch.clamp(u_norm / (prev + 1e-8), min=norm_growth_limit) / norm_growth_limit
             c = c / rho
             u_norm = u_norm / rho
-        state["prev_norm"] = u_norm.detach().to(torch.float32) if math_dtype == torch.float32 else u_norm.detach()
+        ref = u_norm.detach()
+        if limiter_decay > 0 and t > 1:
+            ref = torch.maximum(ref, limiter_decay * state["prev_norm"].to(math_dtype))
+        state["prev_norm"] = ref.to(torch.float32) if math_dtype == torch.float32 else ref
     return c
