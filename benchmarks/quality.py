@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=8192, help="BPE vocab trained on the corpus; 0: shipped 32k")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=65536)
-    ap.add_argument("--lr", type=float, default=0.01, help="APOLLO lr (the paper's 0.01)")
+    ap.add_argument("--lr", type=float, default=0.01,
+                    help="APOLLO lr (the paper's 0.01; at this model size and batch 0.003 is better: BENCHMARKS.md)")
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     ap.add_argument("--only", nargs="+", default=None, help="run just these methods (at --lr), e.g. apollo_mini_no_limiter")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --only")
