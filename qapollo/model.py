@@ -9,7 +9,6 @@ to whatever callable sits in `grad_hook`.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 from torch import nn

@@ -117,7 +117,7 @@ class Trainer:
                 pass
 
     def fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self._install_signal_handlers()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

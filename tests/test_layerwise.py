@@ -1,6 +1,4 @@
 """In-backward updates equal the two-phase step; the lr schedule; the startup guard."""
-import copy
-
 import pytest
 import torch
 
