@@ -167,26 +167,20 @@ class LayerwiseOptimizer:
         self._fired: dict[str, int] = {}
         self._changed: dict[str, int] = {}
         self._handles = []
-        mats = matrix_names(model)
-        float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
-        self.float_lr_scale = float_lr_scale
-        self._is_matrix: dict[str, bool] = {}
+        self._matrices = mats = matrix_names(model)  # int8 modules and float projection weights
+        self.float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
         for name, mod in int8_modules(model):
             self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round)
-            self._is_matrix[name] = True
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             if name in mats and ocfg.name != "adamw":
                 self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False)
-                self._is_matrix[name] = True
             elif name in mats:
                 self.updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
-                self._is_matrix[name] = True
             else:
                 kind = "adamw" if ocfg.name == "adamw" else ocfg.float_optim
                 self.updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0)
-                self._is_matrix[name] = False
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -222,7 +216,7 @@ class LayerwiseOptimizer:
         return hook
 
     def _run(self, name: str, grad: torch.Tensor) -> None:
-        lr = self.lr if self._is_matrix[name] else self.lr * self.float_lr_scale
+        lr = self.lr if name in self._matrices else self.lr * self.float_lr_scale
         changed = self.updaters[name].step(grad, lr, self.count_changes)
         self._fired[name] = self._fired.get(name, 0) + 1
         self._changed[name] = self._changed.get(name, 0) + changed
