@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/gpu}}
 CONFIG=${CONFIG:-configs/llama_7b.yaml}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-4}
+STEPS=${STEPS:-5}
+PY=${PY:-python3}
 SEQ_LONG=${SEQ_LONG:-2048}
 BUDGET=${BUDGET:-12GiB}
 T_RUN=${T_RUN:-150}       # seconds per measurement (build ~20-40 s + steps)
@@ -24,8 +25,8 @@ EXTRA="train.check_updates=true"
 run() {  # label, overrides...
   local label=$1; shift
   echo "== $label: $*" >&2
-  timeout -k 10 "$T_RUN" python benchmarks/memory.py --config "$CONFIG" --device "$DEVICE" --steps "$STEPS" \
-      --label "$label" "$@" $EXTRA >"$OUTDIR/$label.out" 2>"$OUTDIR/$label.log"
+  timeout -k 10 "$T_RUN" $PY benchmarks/memory.py --config "$CONFIG" --device "$DEVICE" --steps "$STEPS" \
+      --label "$label" --profile "$OUTDIR/$label.prof" "$@" $EXTRA >"$OUTDIR/$label.out" 2>"$OUTDIR/$label.log"
   local rc=$?
   if [ $rc -eq 0 ] && [ -s "$OUTDIR/$label.out" ]; then tail -n 1 "$OUTDIR/$label.out" | tee -a "$J"
   else echo "{\"label\": \"$label\", \"overrides\": \"$*\", \"rc\": $rc, \"error\": \"$(tail -n 1 "$OUTDIR/$label.log" | tr -d '\"\\\\' | cut -c1-300)\"}" | tee -a "$J"; fi
@@ -33,12 +34,14 @@ run() {  # label, overrides...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/nvidia-smi.txt" 2>&1 || true
+$PY -c "import sys, torch, transformers, bitsandbytes; print(sys.version.split()[0], torch.__version__, \
+torch.cuda.is_available(), transformers.__version__, bitsandbytes.__version__)" 2>&1 | tail -n 1 | tee "$OUTDIR/env.txt" >&2
 run seq256_bs1 train.seq_len=256 train.batch_size=1
 run seq${SEQ_LONG}_bs1 train.seq_len=$SEQ_LONG train.batch_size=1
 
 # Largest batch at seq 256 under the budget: start at the planner's largest fitting batch, then step
 # up while max_memory_reserved + CUDA context stays under the budget, down on OOM / over budget.
-bs=$(python - "$CONFIG" "$BUDGET" "$DEVICE" <<'PY'
+bs=$($PY - "$CONFIG" "$BUDGET" "$DEVICE" <<'PY'
 import sys
 from qapollo.config import load_config
 from qapollo.memory import parse_bytes, predict_peak
@@ -56,7 +59,7 @@ best=0; tried=0; dir=0
 while [ $tried -lt "$MAX_SEARCH" ] && [ "$bs" -ge 1 ]; do
   tried=$((tried + 1))
   if run seq256_bs$bs train.seq_len=256 train.batch_size=$bs; then
-    fits=$(python -c "
+    fits=$($PY -c "
 import json,sys; from qapollo.memory import parse_bytes, CUDA_CONTEXT_BYTES
 r=json.loads(open('$OUTDIR/seq256_bs$bs.out').read().splitlines()[-1])
 m=r.get('max_memory_reserved') or r.get('peak_live_tensor_bytes') or 0

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
                     help="trainer: what qapollo.train uses; hf: model(labels=x).loss; chunked: qapollo.loss")
     ap.add_argument("--no-counter", action="store_true", help="CPU: skip the live tensor counter")
     ap.add_argument("--label", default="", help="free text copied into the JSON line")
+    ap.add_argument("--profile", default="", help="write a torch.profiler table of the last step to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
 
@@ -102,6 +103,11 @@ def main(argv=None) -> int:
         ts = time.perf_counter()
         if counter:
             counter.__enter__()
+        prof = None
+        if args.profile and i == args.steps - 1:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if want_cuda else [])
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
         try:
             opt.begin_step(last_micro=True, check=check)
             loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
@@ -120,11 +126,18 @@ def main(argv=None) -> int:
         if want_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - ts)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if want_cuda else "self_cpu_time_total"
+            with open(args.profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by=key, row_limit=40))
         if counter:
             live_peaks.append(base + counter.peak)
         rec.setdefault("first_loss", loss_val)
     rec["step_times_s"] = [round(t, 3) for t in times]
     timed = times[1:] if len(times) > 1 else times  # the first step creates optimizer states
+    if args.profile and len(timed) > 1:
+        timed = timed[:-1]  # the profiled last step runs slower
     med = statistics.median(timed)
     rec["step_time_median_s"] = round(med, 4)
     rec["tokens_per_s"] = round(B * T / med, 1)
