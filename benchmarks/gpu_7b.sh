@@ -26,7 +26,7 @@ run() {  # label, overrides...
   local label=$1; shift
   echo "== $label: $*" >&2
   timeout -k 10 "$T_RUN" $PY benchmarks/memory.py --config "$CONFIG" --device "$DEVICE" --steps "$STEPS" \
-      --label "$label" --profile "$OUTDIR/$label.prof" "$@" $EXTRA >"$OUTDIR/$label.out" 2>"$OUTDIR/$label.log"
+      --label "$label" --profile "$OUTDIR/$label.prof" --timeline "$OUTDIR/$label.timeline.jsonl" "$@" $EXTRA >"$OUTDIR/$label.out" 2>"$OUTDIR/$label.log"
   local rc=$?
   if [ $rc -eq 0 ] && [ -s "$OUTDIR/$label.out" ]; then tail -n 1 "$OUTDIR/$label.out" | tee -a "$J"
   else echo "{\"label\": \"$label\", \"overrides\": \"$*\", \"rc\": $rc, \"error\": \"$(tail -n 1 "$OUTDIR/$label.log" | tr -d '\"\\\\' | cut -c1-300)\"}" | tee -a "$J"; fi
@@ -65,7 +65,7 @@ r=json.loads(open('$OUTDIR/seq256_bs$bs.out').read().splitlines()[-1])
 m=r.get('max_memory_reserved') or r.get('peak_live_tensor_bytes') or 0
 print(1 if m + (CUDA_CONTEXT_BYTES if r['device']=='cuda' else 0) <= parse_bytes('$BUDGET') else 0)")
   else fits=0; fi
-  if [ "$fits" = 1 ]; then best=$bs; [ $dir -lt 0 ] && break; dir=1; bs=$((bs + (bs + 3) / 4))
+  if [ "$fits" = 1 ]; then best=$bs; [ $dir -lt 0 ] && break; dir=1; bs=$((bs + (bs + 7) / 8))
   else [ $dir -gt 0 ] && break; dir=-1; bs=$((bs * 3 / 4)); fi
 done
 echo "{\"label\": \"largest_batch_seq256\", \"budget\": \"$BUDGET\", \"batch_size\": $best}" | tee -a "$J"

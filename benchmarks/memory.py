@@ -35,6 +35,55 @@ def flops_per_token(cfg) -> float:
     return 6 * n + 12 * m.num_hidden_layers * m.hidden_size * t.seq_len
 
 
+class Timeline:
+    """CUDA: around every optimizer update, the bytes allocated and the peak since the last mark.
+
+    The peak between marks shows which part of the step (forward, loss backward, a layer's backward, an
+    update) holds the step's maximum; the per-step maximum is unchanged (max over the intervals).
+    """
+
+    def __init__(self, opt, dev, path: str):
+        import torch
+        self.torch, self.dev, self.f = torch, dev, open(path, "w")
+        self.peak = self.step_alloc = self.step_reserved = 0  # maxima: whole run, this step (allocated, reserved)
+        run = opt._run
+
+        def wrapped(name, grad):
+            self.mark("bwd>" + name)
+            run(name, grad)
+            self.mark("upd:" + name)
+        opt._run = wrapped
+
+    def mark(self, label: str) -> None:
+        cuda = self.torch.cuda
+        peak = cuda.max_memory_allocated(self.dev)
+        self.peak = max(self.peak, peak)
+        self.step_alloc = max(self.step_alloc, peak)
+        self.step_reserved = max(self.step_reserved, cuda.max_memory_reserved(self.dev))
+        self.f.write(json.dumps({"at": label, "alloc": cuda.memory_allocated(self.dev), "peak": peak}) + "\n")
+        cuda.reset_peak_memory_stats(self.dev)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def write_snapshot_breakdown(path: str, base: int, step_starts: list[float]) -> None:
+    """What was live at the CUDA peak (benchmarks/cuda_peak.py), as JSON; errors are written, not raised."""
+    import torch
+    try:
+        from benchmarks.cuda_peak import breakdown
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        trace = [e for dev_trace in snap.get("device_traces", []) for e in dev_trace]
+        out = breakdown(trace, base, step_starts)
+        out["step_starts_us"] = step_starts
+        out["trace_time_us_range"] = [trace[0].get("time_us"), trace[-1].get("time_us")] if trace else None
+    except Exception as e:  # a diagnostic: never lose the measurement over it
+        out = {"error": f"{type(e).__name__}: {e}"}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
@@ -45,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-counter", action="store_true", help="CPU: skip the live tensor counter")
     ap.add_argument("--label", default="", help="free text copied into the JSON line")
     ap.add_argument("--profile", default="", help="write a torch.profiler table of the last step to this file")
+    ap.add_argument("--snapshot", default="", help="CUDA: write what is live at the memory peak (JSON) here")
+    ap.add_argument("--timeline", default="", help="CUDA: write allocated bytes and the peak between "
+                    "optimizer updates (one JSON line per update) here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
 
@@ -90,16 +142,24 @@ def main(argv=None) -> int:
                 out.append(list(u.state_dict()[0].values()))
         return out
 
-    times, live_peaks = [], []
+    times, live_peaks, step_starts = [], [], []
+    timeline = Timeline(opt, dev, args.timeline) if (want_cuda and args.timeline) else None
     if want_cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
+        rec["allocated_after_build"] = torch.cuda.memory_allocated(dev)
+        rec["peak_allocated_per_step"], rec["peak_reserved_per_step"] = [], []
+        if args.snapshot:
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     for i in range(args.steps):
         x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen).to(dev)
         check = i == 0 and cfg.train.check_updates
         counter = LiveTensorCounter() if use_counter else None
         base = resident_tensor_bytes(model, states()) if use_counter else 0
         gc.collect()
+        if want_cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+            step_starts.append(time.time() * 1e6)
         ts = time.perf_counter()
         if counter:
             counter.__enter__()
@@ -112,6 +172,8 @@ def main(argv=None) -> int:
             opt.begin_step(last_micro=True, check=check)
             loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
             loss_val = loss.item()
+            if timeline:
+                timeline.mark(f"step{i + 1}:forward")
             loss.backward()
             del loss
             try:
@@ -125,6 +187,14 @@ def main(argv=None) -> int:
                 counter.__exit__(None, None, None)
         if want_cuda:
             torch.cuda.synchronize()
+            if timeline:  # it resets the peak at each mark: the step's peak is the max over its intervals
+                timeline.mark(f"step{i + 1}:end")
+                rec["peak_allocated_per_step"].append(timeline.step_alloc)
+                rec["peak_reserved_per_step"].append(timeline.step_reserved)
+                timeline.step_alloc = timeline.step_reserved = 0
+            else:
+                rec["peak_allocated_per_step"].append(torch.cuda.max_memory_allocated(dev))
+                rec["peak_reserved_per_step"].append(torch.cuda.max_memory_reserved(dev))
         times.append(time.perf_counter() - ts)
         if prof is not None:
             prof.__exit__(None, None, None)
@@ -142,8 +212,13 @@ def main(argv=None) -> int:
     rec["step_time_median_s"] = round(med, 4)
     rec["tokens_per_s"] = round(B * T / med, 1)
     if want_cuda:
-        rec["max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
-        rec["max_memory_reserved"] = torch.cuda.max_memory_reserved(dev)
+        if args.snapshot:
+            write_snapshot_breakdown(args.snapshot, base, step_starts)
+        if timeline:
+            timeline.close()
+            rec["timeline_peak"] = timeline.peak
+        rec["max_memory_allocated"] = max(rec["peak_allocated_per_step"])
+        rec["max_memory_reserved"] = max(rec["peak_reserved_per_step"])
         rec["num_alloc_retries"] = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
         rec["num_ooms"] = torch.cuda.memory_stats(dev).get("num_ooms", 0)
         name = rec["device_name"]

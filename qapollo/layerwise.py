@@ -120,15 +120,18 @@ class TorchAdamUpdater:
         return max(unit, self.CHUNK_ELEMS // row // unit * unit)
 
     def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
-        p = self.param
-        before = p.detach().clone() if count_changes else None
+        p, changed = self.param, 0
         for sl, view, opt in self.chunks:
+            # the startup guard compares chunk by chunk: a whole-embedding copy would be a 375 MiB spike at 7B
+            before = view.detach().clone() if count_changes else None
             view.grad = grad if view is p else grad[sl]
             opt.param_groups[0]["lr"] = lr
             opt.step()
             view.grad = None
+            if count_changes:
+                changed += int((view.detach() != before).sum())
         p.grad = None
-        return int((p.detach() != before).sum()) if count_changes else 0
+        return changed
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, scalars) keyed `c<i>.<key>`: the raw state of each chunk's optimizer."""

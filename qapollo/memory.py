@@ -157,11 +157,11 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         loss_peak = 12 * N * V  # saved output + its grad + the input's grad (fp32) at the backward start
 
     # ---- phases ----------------------------------------------------------------------------------
-    # Step 1 differs: the startup guard copies each float tensor before its update ((s+1)·n with the
-    # comparison's bool mask), and the embedding's optimizer states do not exist yet when lm_head steps.
+    # Step 1 differs: the startup guard copies each float tensor's row chunk before its update ((s+1)·n
+    # with the comparison's bool mask), and the embedding's optimizer states do not exist yet when lm_head steps.
     first_check = t.check_updates
     head_t, emb_t = fstate[1][1], fstate[0][1]
-    clone = (s + 1) * V * h if first_check else 0
+    clone = (s + 1) * min(V * h, FLOAT_CHUNK_ELEMS) if first_check else 0  # chunk by chunk (layerwise.py)
     phases = {}
     phases["loss"] = acts + loss_peak
     phases["head"] = acts + s * N * h + s * V * h + max(head_t, 0)
@@ -195,7 +195,7 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         "largest_transient": {"dequantize": dequant_t if m.weight_quant else 0,
                               "matrix_grad": s * mn_max, "embed_or_head_grad": s * V * h,
                               "logits_loss": loss_peak, "float_optim_update": max(head_t, emb_t),
-                              "first_step_guard_copy": (s + 1) * V * h if first_check else 0},
+                              "first_step_guard_copy": clone},
         "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
         "cublas_workspace_bytes": extra,
         "peak_bytes": peak,
