@@ -43,7 +43,8 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
         overrides.append(f"resume={args.resume}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, progress=not args.no_progress)
-    print(f"done: step {result['step']}, loss {result['loss']:.4f}, tokens {result['tokens']}")
+    loss = f", loss {result['loss']:.4f}" if result["loss"] == result["loss"] else ""  # nan: no step ran
+    print(f"done: step {result['step']}{loss}, tokens {result['tokens']}")
     return 0
 
 

@@ -125,6 +125,10 @@ class Trainer:
         tqdm.write(f"qapollo: {n['total'] / 1e6:.1f}M params ({n['int8'] / 1e6:.1f}M int8) on {self.device}, "
                    f"run dir {self.run_dir}")
         start = self.opt.step_count
+        if start >= t.max_steps:
+            tqdm.write(f"qapollo: already at step {start} (train.max_steps={t.max_steps}): nothing to train; "
+                       f"raise train.max_steps to continue")
+            return {"step": start, "loss": float("nan"), "tokens": self.tokens_seen}
         bar = tqdm(total=t.max_steps, initial=start, desc="Update steps", ncols=100, disable=not self.progress,
                    dynamic_ncols=False)
         t_last, tok_last = time.perf_counter(), self.tokens_seen

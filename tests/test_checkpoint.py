@@ -341,3 +341,23 @@ def test_package_never_unpickles():
                 p = os.path.join(dirpath, f)
                 hits += [f"{p}: {m.group(0)}" for m in pat.finditer(open(p).read())]
     assert not hits
+
+
+def test_model_load_in_batches_is_exact(tmp_path):
+    """load_model_tensors reopens the file every batch_bytes (bounded RSS at 7B): same tensors, every one."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16, bias=False), torch.nn.LayerNorm(16))
+    path = str(tmp_path / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+    dst = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16, bias=False), torch.nn.LayerNorm(16))
+    opened = []
+    real_open = ck.open_safetensors
+    ck.open_safetensors = lambda p: opened.append(p) or real_open(p)
+    try:
+        ck.load_model_tensors(dst, path, batch_bytes=1024)  # 8 KiB, 128 B + 2 KiB, 64 B + 64 B
+    finally:
+        ck.open_safetensors = real_open
+    assert len(opened) == 3
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
