@@ -67,23 +67,6 @@ class Timeline:
         self.f.close()
 
 
-def write_snapshot_breakdown(path: str, base: int, step_starts: list[float]) -> None:
-    """What was live at the CUDA peak (benchmarks/cuda_peak.py), as JSON; errors are written, not raised."""
-    import torch
-    try:
-        from benchmarks.cuda_peak import breakdown
-        snap = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        trace = [e for dev_trace in snap.get("device_traces", []) for e in dev_trace]
-        out = breakdown(trace, base, step_starts)
-        out["step_starts_us"] = step_starts
-        out["trace_time_us_range"] = [trace[0].get("time_us"), trace[-1].get("time_us")] if trace else None
-    except Exception as e:  # a diagnostic: never lose the measurement over it
-        out = {"error": f"{type(e).__name__}: {e}"}
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
@@ -94,7 +77,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-counter", action="store_true", help="CPU: skip the live tensor counter")
     ap.add_argument("--label", default="", help="free text copied into the JSON line")
     ap.add_argument("--profile", default="", help="write a torch.profiler table of the last step to this file")
-    ap.add_argument("--snapshot", default="", help="CUDA: write what is live at the memory peak (JSON) here")
     ap.add_argument("--timeline", default="", help="CUDA: write allocated bytes and the peak between "
                     "optimizer updates (one JSON line per update) here")
     ap.add_argument("overrides", nargs="*")
@@ -142,15 +124,12 @@ def main(argv=None) -> int:
                 out.append(list(u.state_dict()[0].values()))
         return out
 
-    times, live_peaks, step_starts = [], [], []
+    times, live_peaks = [], []
     timeline = Timeline(opt, dev, args.timeline) if (want_cuda and args.timeline) else None
     if want_cuda:
         torch.cuda.synchronize()
         rec["allocated_after_build"] = torch.cuda.memory_allocated(dev)
         rec["peak_allocated_per_step"], rec["peak_reserved_per_step"] = [], []
-        if args.snapshot:
-            base = torch.cuda.memory_allocated(dev)
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     for i in range(args.steps):
         x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen).to(dev)
         check = i == 0 and cfg.train.check_updates
@@ -159,7 +138,6 @@ def main(argv=None) -> int:
         gc.collect()
         if want_cuda:
             torch.cuda.reset_peak_memory_stats(dev)
-            step_starts.append(time.time() * 1e6)
         ts = time.perf_counter()
         if counter:
             counter.__enter__()
@@ -212,8 +190,6 @@ def main(argv=None) -> int:
     rec["step_time_median_s"] = round(med, 4)
     rec["tokens_per_s"] = round(B * T / med, 1)
     if want_cuda:
-        if args.snapshot:
-            write_snapshot_breakdown(args.snapshot, base, step_starts)
         if timeline:
             timeline.close()
             rec["timeline_peak"] = timeline.peak
