@@ -3,7 +3,7 @@
 # largest batch at seq 256 under 12 GiB. Each run is its own process under a timeout; one JSON line each
 # goes to $OUTDIR/gpu_7b.jsonl (stderr to $OUTDIR/*.log).
 #
-#   bash benchmarks/gpu_7b.sh [OUTDIR]                        # on the GPU machine (~6-8 min on an H100)
+#   bash benchmarks/gpu_7b.sh [OUTDIR]                        # on the GPU machine (H100: ~70 s per run, ~5 min)
 #   CONFIG=configs/llama_20m.yaml SEQ_LONG=512 DEVICE=cpu STEPS=2 bash benchmarks/gpu_7b.sh /tmp/dry  # dry run
 set -u
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ STEPS=${STEPS:-5}
 PY=${PY:-python3}
 SEQ_LONG=${SEQ_LONG:-2048}
 BUDGET=${BUDGET:-12GiB}
-T_RUN=${T_RUN:-150}       # seconds per measurement (build ~20-40 s + steps)
+T_RUN=${T_RUN:-150}       # seconds per measurement (H100: ~70 s, of which the 7B build 3 s)
 MAX_SEARCH=${MAX_SEARCH:-3}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export OMP_WAIT_POLICY=PASSIVE

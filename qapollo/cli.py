@@ -5,6 +5,7 @@ Bad input ends with one line `error: …` naming the problem and the fix, and ex
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -43,7 +44,7 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
         overrides.append(f"resume={args.resume}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, progress=not args.no_progress)
-    loss = f", loss {result['loss']:.4f}" if result["loss"] == result["loss"] else ""  # nan: no step ran
+    loss = "" if math.isnan(result["loss"]) else f", loss {result['loss']:.4f}"  # nan: no step ran
     print(f"done: step {result['step']}{loss}, tokens {result['tokens']}")
     return 0
 

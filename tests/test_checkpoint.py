@@ -361,3 +361,15 @@ def test_model_load_in_batches_is_exact(tmp_path):
     assert len(opened) == 3
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_resume_at_max_steps_trains_nothing_and_writes_nothing(corpus, tmp_path, capsys):
+    run(make_cfg(corpus, tmp_path, train__max_steps=2))
+    run_dir = tmp_path / "run"
+    before = {p: os.path.getmtime(p) for _, p in ck.list_checkpoints(run_dir)}
+    capsys.readouterr()
+    tr = run(make_cfg(corpus, tmp_path, train__max_steps=2), resume="auto")
+    assert tr.opt.step_count == 2
+    cap = capsys.readouterr()
+    assert "nothing to train" in cap.out + cap.err
+    assert {p: os.path.getmtime(p) for _, p in ck.list_checkpoints(run_dir)} == before
