@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
+from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -15,6 +15,10 @@ from typing import Any, get_type_hints
 import yaml
 
 
+# The 7B recipe: what `python run_7b.py` and `qapollo plan` use when no --config is given.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
+
+
 class ConfigError(ValueError):
     """A bad config key or value; the message says what and how to fix it."""
 
@@ -70,6 +74,9 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum_steps: int = 1
+    # exact: the hooks keep a full gradient between micro-batches; lagged: APOLLO matrices apply each
+    # micro-batch with the previous step's scale and keep only the projected gradient (layerwise.py)
+    accum_mode: str = "exact"
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     save_total_limit: int = 2
@@ -78,6 +85,13 @@ class TrainConfig:
     run_name: str = ""  # empty: derived from the config file name
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     check_updates: bool = True  # startup guard: every trainable tensor must change in the first step
+    # spike guard, decided from the forward loss before backward (an in-backward update cannot be undone):
+    # skip a micro-batch whose loss is non-finite or above mean + spike_sigma·std of the last spike_window
+    # accepted losses; stop (last checkpoint kept) after max_skips_in_row skips in a row
+    skip_spikes: bool = True
+    spike_sigma: float = 6.0
+    spike_window: int = 128
+    max_skips_in_row: int = 20
     compile: bool = False
 
 
@@ -263,6 +277,12 @@ def validate(cfg: Config) -> None:
     need(t.batch_size >= 1 and t.seq_len >= 2, "train.batch_size must be >= 1 and train.seq_len >= 2")
     need(t.seq_len <= m.max_position_embeddings, f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
     need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+    need(t.accum_mode in ("exact", "lagged"), f"train.accum_mode must be exact or lagged, got '{t.accum_mode}'")
+    need(t.accum_mode == "exact" or o.name != "adamw",
+         "train.accum_mode=lagged needs an APOLLO optimizer (optim.name apollo_mini or apollo); use exact with adamw")
+    need(t.spike_sigma > 0, "train.spike_sigma must be > 0 (set train.skip_spikes=false to turn the guard off)")
+    need(t.spike_window >= 8, "train.spike_window must be >= 8")
+    need(t.max_skips_in_row >= 1, "train.max_skips_in_row must be >= 1")
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
 
 
