@@ -114,13 +114,16 @@ def dequantize_chunked(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 @torch.no_grad()
 def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                       delta_fn, stochastic: bool, generator: torch.Generator | None,
-                      count_changes: bool = False, max_elems: int = 1 << 22) -> int:
+                      count_changes: bool = False, max_elems: int = 1 << 22,
+                      keep: torch.Tensor | None = None) -> int:
     """In place: W ← requant(dequant(W) + delta_fn(rows, W_rows)), row chunk by row chunk.
 
     delta_fn(row_slice, w_rows_fp32) returns the fp32 change of those rows. Chunking keeps the fp32
     transient small (the largest 7B matrix would be 180 MB at once). With count_changes, returns how
     many codes, scales or zero points changed (the startup guard's proof that the write happened; it
-    costs a device sync, so it is off in the steady state); else 0.
+    costs a device sync, so it is off in the steady state); else 0. `keep`, a 0-d bool tensor on the
+    device, keeps the old codes/scales/zeros bit for bit where True (a non-finite gradient: even a zero
+    update would requantize) without a host sync.
     """
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)
     for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems):
@@ -128,6 +131,8 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
         w = dequantize(c, scale[gs], zero[gs], group_size)
         w += delta_fn(rows, w)
         nc, ns, nz = quantize(w, group_size, scale.dtype, stochastic, generator)
+        if keep is not None:
+            nc, ns, nz = torch.where(keep, c, nc), torch.where(keep, scale[gs], ns), torch.where(keep, zero[gs], nz)
         if count_changes:
             moved = (ns.float() - scale[gs].float()).abs() > _SCALE_TOL * scale[gs].float()
             changed += (nc != c).sum() + moved.sum() + (nz != zero[gs]).sum()
