@@ -15,8 +15,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .layerwise import UpdateCheckError
+    from .metrics import MetricsError
     from .train import TrainError
-    errs = [ConfigError, UpdateCheckError, TrainError, FileNotFoundError]
+    errs = [ConfigError, UpdateCheckError, TrainError, MetricsError, FileNotFoundError]
     try:
         from .data import DataError
         errs.append(DataError)

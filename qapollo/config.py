@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     check_updates: bool = True  # startup guard: every trainable tensor must change in the first step
     compile: bool = False
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to <run dir>/tb/ (needs `tensorboard`)
 
 
 @dataclass

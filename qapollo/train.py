@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .config import Config
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
-from .metrics import MetricsLog, peak_mem_bytes
+from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
@@ -44,6 +44,8 @@ class Trainer:
         from .data import build_data, check_vocab
 
         cfg, t = self.cfg, self.cfg.train
+        if t.tensorboard:
+            require_tensorboard()  # fail before anything is built
         self._plan_memory()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
@@ -57,7 +59,8 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
                                       stochastic_round=cfg.model.stochastic_round)
-        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None)
         checkpoint.resume(self, resume_from)
 
     def _plan_memory(self) -> None:
@@ -155,6 +158,7 @@ class Trainer:
                 self.save()
         bar.close()
         self.save()
+        self.metrics.close()
         return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
 
     def _eval_due(self, step: int) -> bool:
