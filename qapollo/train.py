@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .config import Config
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
+from .hf_import import load_weights, resolve_init_from
 from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard
 from .model import build_model, count_params, enable_activation_checkpointing
 
@@ -46,6 +47,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if t.tensorboard:
             require_tensorboard()  # fail before anything is built
+        init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
         self._plan_memory()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
@@ -53,7 +55,9 @@ class Trainer:
         self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
                                eval_tokens=cfg.eval.tokens)
         check_vocab(self.data.tokenizer, cfg.model.vocab_size)
-        self.model = build_model(cfg.model, self.device, seed=t.seed)
+        self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
+        if init_from is not None:
+            load_weights(self.model, init_from, progress=self.progress)
         self.model.train()
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(self.model)
