@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qapollo import quant
 from qapollo.cli import main
 from qapollo.config import load_config
+from qapollo.export import export
 from qapollo.layerwise import ApolloUpdater
 from qapollo.memory import predict_peak
 from qapollo.metrics import read_metrics
@@ -107,6 +108,11 @@ def test_init_from_trains_and_resumes_without_the_weights(corpus, tmp_path, vari
     rows = read_metrics(os.path.join(tmp_path, "ft", "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     assert {u.state["step"] for u in tr.opt.updaters.values() if isinstance(u, ApolloUpdater)} == {3}  # fresh states
+    # its export is the same architecture again (kv heads, rope scaling, tie)
+    export(os.path.join(tmp_path, "ft"), str(tmp_path / "exp"))
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "exp").config
+    assert (again.num_key_value_heads, again.tie_word_embeddings) == (kv, tied)
+    assert again.rope_parameters == hf.config.rope_parameters
 
     # a resume loads the checkpoint: the folder's weights are gone, its shape comes from the saved config
     for f in glob.glob(str(folder / "*.safetensors*")):
