@@ -48,10 +48,10 @@ def save_hf(path, corpus, kv=4, tied=False, rope_scaling=None, sharded=False, se
 
 def overrides(corpus, folder, out, run="ft", *more):  # noqa: F811
     """What a user types: init_from, data and training keys only, no model shape."""
-    return [f"model.init_from={folder}", f"data.path={corpus['data.path']}", f"data.cache_dir={corpus['data.cache_dir']}",
-            f"train.output_dir={out}", f"train.run_name={run}", "train.batch_size=2", "train.seq_len=16",
-            "train.max_steps=3", "train.log_every=1", "optim.float_optim=adamw", "optim.lr=0.003", "optim.warmup_steps=2",
-            "eval.tokens=256", *more]
+    return [f"model.init_from={folder}", f"data.path={corpus['data.path']}",
+            f"data.cache_dir={corpus['data.cache_dir']}", f"train.output_dir={out}", f"train.run_name={run}",
+            "train.batch_size=2", "train.seq_len=16", "train.max_steps=3", "train.log_every=1",
+            "optim.float_optim=adamw", "optim.lr=0.003", "optim.warmup_steps=2", "eval.tokens=256", *more]
 
 
 def trainer(corpus, folder, out, *more, resume=None):  # noqa: F811
