@@ -35,7 +35,12 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope scaling, e.g. {rope_type: llama3, factor: 8.0, ...}
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     initializer_range: float = 0.02
+    # a local HF LLaMA folder (config.json + safetensors) to start from: it sets every shape key above
+    # (hf_import.py); null trains from a random init
+    init_from: str | None = None
     # int8 weights for the attention/MLP projections (false: ordinary floating-point weights)
     weight_quant: bool = True
     group_size: int = 128
@@ -93,6 +98,7 @@ class TrainConfig:
     spike_window: int = 128
     max_skips_in_row: int = 20
     compile: bool = False
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to <run dir>/tb/ (needs `tensorboard`)
 
 
 @dataclass
@@ -169,6 +175,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                     return float(value)
                 except ValueError:
                     pass
+        elif t is dict:
+            if isinstance(value, dict):
+                return value
         elif t is str:
             if isinstance(value, str):
                 return value
@@ -194,6 +203,12 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
         valid = ", ".join(f.name for f in fields(section))
         raise ConfigError(f"unknown config key '{dotted}'; valid keys of '{parts[0]}': {valid}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+    explicit_keys(cfg).add(dotted)
+
+
+def explicit_keys(cfg: Config) -> set[str]:
+    """The dotted keys a file or override set (not defaults): model.init_from refuses conflicting shape keys."""
+    return cfg.__dict__.setdefault("_explicit", set())
 
 
 def _flatten(d: dict, where: str) -> dict[str, Any]:
@@ -290,6 +305,7 @@ def validate(cfg: Config) -> None:
 # (max_steps, logging, eval, lr schedule length) may change on resume.
 ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers", "model.num_attention_heads",
              "model.num_key_value_heads", "model.vocab_size", "model.weight_quant", "model.group_size",
+             "model.tie_word_embeddings",
              "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "train.batch_size", "train.seq_len")
 
 

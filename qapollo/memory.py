@@ -120,7 +120,8 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     c: dict[str, int] = {}
 
     # ---- persistent ----------------------------------------------------------------------------
-    float_tensors = [V * h, V * h] + [h] * (2 * L + 1)  # embed, lm_head, norms
+    tied = m.tie_word_embeddings  # lm_head is the embedding: one V·h tensor and one optimizer state
+    float_tensors = [V * h] * (1 if tied else 2) + [h] * (2 * L + 1)  # embed, lm_head, norms
     if m.weight_quant:
         groups = mat_elems // m.group_size
         c["int8_codes"] = mat_elems
@@ -172,7 +173,7 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     # Step 1 differs: the startup guard copies each float tensor's row chunk before its update ((s+1)·n
     # with the comparison's bool mask), and the embedding's optimizer states do not exist yet when lm_head steps.
     first_check = t.check_updates
-    head_t, emb_t = fstate[1][1], fstate[0][1]
+    head_t, emb_t = (0 if tied else fstate[1][1]), fstate[0][1]
     # chunk by chunk (layerwise.py); CUDA sums the bool mask through an int64 copy (8 B/elem). Whole-tensor,
     # that was 1.4 GB at 7B on an H100 (measured peak 8.92 → 7.67 GiB once chunked).
     clone = (s + 1 + (8 if device_type == "cuda" else 0)) * min(V * h, FLOAT_CHUNK_ELEMS) if first_check else 0
@@ -185,7 +186,7 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     def grad_then_update(transient: int) -> int:
         return max(s * V * h, transient) if acc else s * V * h + transient
     phases["head"] = acts + s * N * h + grad_then_update(max(head_t, 0))
-    phases["head (step 1)"] = phases["head"] + clone - fstate[0][0]
+    phases["head (step 1)"] = phases["head"] + (0 if tied else clone) - fstate[0][0]
     # one decoder layer's backward: the largest matrix dequantized (fp32: whole, 8 bytes/elem of
     # temporaries; bf16: chunk by chunk into a 2-byte output, quant.dequantize_chunked) or its weight
     # gradient plus the fp32 row-chunk update buffers, over ~3 activation gradients
@@ -198,11 +199,15 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     else:
         mat_t = s * mn_max + 4 * mn_max * 2
     grads = 3 * s * N * max(h, I)
+    if tied and not acc:  # lm_head's gradient waits in the shared tensor's .grad until the embedding's arrives
+        grads += s * V * h
     if ckpt:
         phases["layer"] = c_act_ckpt + per_layer + grads + mat_t
     else:
         phases["layer"] = c_act_full + grads + mat_t
-    phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t)
+    # tied: lm_head's gradient is still held when the embedding's arrives (one tensor, one update)
+    phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t) + \
+        (s * V * h if tied and not acc else 0)
     phases["embed (step 1)"] = phases["embed"] + clone
     phase = max(phases, key=phases.get)
     extra = CUBLAS_WORKSPACE_BYTES if device_type == "cuda" else 0
@@ -288,6 +293,8 @@ def plan_main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seq_len=2048")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from .hf_import import plan_shape
+    plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
     plan = predict_peak(cfg, args.device)
     budget = parse_bytes(args.budget) if args.budget else None
     if args.json:

@@ -13,7 +13,8 @@ from .config import Config
 from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
-from .metrics import MetricsLog, peak_mem_bytes
+from .hf_import import load_weights, resolve_init_from
+from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
@@ -45,6 +46,9 @@ class Trainer:
         from .data import build_data, check_vocab
 
         cfg, t = self.cfg, self.cfg.train
+        if t.tensorboard:
+            require_tensorboard()  # fail before anything is built
+        init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
         self._plan_memory()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
@@ -52,14 +56,17 @@ class Trainer:
         self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
                                eval_tokens=cfg.eval.tokens)
         check_vocab(self.data.tokenizer, cfg.model.vocab_size)
-        self.model = build_model(cfg.model, self.device, seed=t.seed)
+        self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
+        if init_from is not None:
+            load_weights(self.model, init_from, progress=self.progress)
         self.model.train()
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
                                       stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode)
         self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
-        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None)
         checkpoint.resume(self, resume_from)
 
     def _plan_memory(self) -> None:
@@ -185,6 +192,7 @@ class Trainer:
                 self.save()
         bar.close()
         self.save()
+        self.metrics.close()
         return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
 
     def _eval_due(self, step: int) -> bool:
