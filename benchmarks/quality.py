@@ -46,6 +46,7 @@ def base_config(args) -> Config:
     if args.tokenizer:
         cfg.data.tokenizer, m.vocab_size = args.tokenizer, args.vocab
     o = cfg.optim
+    o.float_lr = args.float_lr
     o.warmup_steps = max(1, args.steps // 10)  # the paper's 10% warmup, cosine to 10%
     o.min_lr_ratio = 0.1
     t = cfg.train
@@ -61,7 +62,7 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
     o.lr = lr
     cfg.train.seed = seed
     if method == "adamw":
-        m.weight_quant, o.name = False, "adamw"
+        m.weight_quant, o.name, o.float_lr = False, "adamw", None
     elif method == "apollo":
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = False, "apollo", "channel", args.hidden // 4, 1.0
     elif method == "apollo_mini":
@@ -75,6 +76,16 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
     elif method in ("apollo_mini_peak_limiter", "q_apollo_mini_peak_limiter"):
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = method.startswith("q_"), "apollo_mini", "tensor", 1, 128.0
         o.limiter_decay = 0.99
+    elif method.startswith(("q_apollo_mini_lagged", "q_apollo_mini_exact")):
+        # gradient accumulation: the same tokens per step as `q_apollo_mini`, in K micro-batches of batch/K
+        m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
+        mode, k = ("lagged", method[len("q_apollo_mini_lagged"):]) if "lagged" in method else \
+            ("exact", method[len("q_apollo_mini_exact"):])
+        k = int(k)
+        if cfg.train.batch_size % k:
+            raise SystemExit(f"{method}: --batch-size {cfg.train.batch_size} is not a multiple of {k}")
+        cfg.train.batch_size //= k
+        cfg.train.grad_accum_steps, cfg.train.accum_mode = k, mode
     elif method in ("q_apollo_mini", "q_apollo_mini_rtn"):
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
         m.stochastic_round = method == "q_apollo_mini"
@@ -104,7 +115,9 @@ def run_one(cfg: Config, method: str) -> dict:
     row = {"method": method, "lr": cfg.optim.lr, "seed": cfg.train.seed, "tokens": tr.tokens_seen,
            "steps": cfg.train.max_steps, "val_loss": ev["eval_loss"], "val_ppl": ev["eval_ppl"],
            "train_loss": res["loss"], "wall_s": round(wall, 1), "optimizer_state_bytes": tr.opt.state_bytes(),
-           "weight_bytes": weight_bytes(tr.model), "run_dir": run_dir}
+           "weight_bytes": weight_bytes(tr.model), "skips": tr.guard.skips,
+           "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+           "float_lr": cfg.optim.float_lr, "run_dir": run_dir}
     print(json.dumps(row), flush=True)
     return row
 
@@ -132,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--lr", type=float, default=0.01,
                     help="APOLLO lr (the paper's 0.01; at this model size and batch 0.003 is better: BENCHMARKS.md)")
+    ap.add_argument("--float-lr", type=float, default=None,
+                    help="lr of embeddings/norms/lm_head for the APOLLO methods (default: the same as --lr)")
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     ap.add_argument("--only", nargs="+", default=None, help="run just these methods (at --lr), e.g. apollo_mini_no_limiter")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --only")
@@ -153,7 +168,7 @@ def main(argv=None) -> int:
         if r["method"] == "adamw":
             r["method"] = "adamw" if r is best else f"adamw_lr{r['lr']:g}"
     setup = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size",
-                                           "seq_len", "eval_tokens", "lr", "vocab")}
+                                           "seq_len", "eval_tokens", "lr", "float_lr", "vocab")}
     with open(os.path.join(args.out, f"{args.results_name}.json"), "w") as f:
         json.dump({"setup": setup, "machine": machine(), "runs": rows}, f, indent=1)
     curves = {f"{r['method']} (s{r['seed']})": read_metrics(os.path.join(r["run_dir"], "metrics.jsonl"))

@@ -1,7 +1,4 @@
 """Gradient accumulation (lagged-scale mode), the spike guard and the non-finite gradient guard."""
-import gc
-import math
-
 import pytest
 import torch
 
@@ -9,18 +6,13 @@ from qapollo.config import load_config
 from qapollo.guard import SpikeGuard
 from qapollo.layerwise import LayerwiseOptimizer, NonFiniteGradient
 from qapollo.loss import causal_lm_loss
-from qapollo.memory import LiveTensorCounter, predict_peak, resident_tensor_bytes
-from qapollo.model import build_model, int8_modules
+from qapollo.memory import predict_peak
+from qapollo.model import build_model
 from qapollo.optim import apollo
-from tests.helpers import tiny_config
+from tests.helpers import make_cfg, measured_peak, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the lagged rule against the exact rule on summed gradients --------------------------------------
@@ -60,40 +52,14 @@ def test_first_window_uses_each_micro_batch_own_scale():
 
 
 # ---- memory: no full gradient between micro-batches -------------------------------------------------
-def accumulated_peak(cfg, steps: int = 2) -> tuple[int, list]:
-    """(peak live bytes over steps incl. resident model + states, weight_grad presence after micro 1)."""
-    t = cfg.train
-    model = build_model(cfg.model, "cpu", seed=0)
-    model.train()
-    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, accum_mode=t.accum_mode)
-    gen = torch.Generator().manual_seed(0)
-    peaks, held = [], []
-    for _ in range(steps):
-        states = [getattr(u, "state", None) for u in opt.updaters.values()]
-        states += [list(u.state_dict()[0].values()) for u in opt.updaters.values() if hasattr(u, "chunks")]
-        base = resident_tensor_bytes(model, states)
-        gc.collect()
-        c = LiveTensorCounter()
-        with c:
-            for micro in range(t.grad_accum_steps):
-                x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len), generator=gen)
-                opt.begin_step(last_micro=micro == t.grad_accum_steps - 1)
-                (causal_lm_loss(model, x) / t.grad_accum_steps).backward()
-                opt.after_backward()
-                if micro == 0:
-                    held.append(any(m.weight_grad is not None for _, m in int8_modules(model)))
-            opt.end_step()
-        peaks.append(base + c.peak)
-    return max(peaks), held
-
-
 def test_lagged_accumulation_holds_no_matrix_gradient():
     over = ["train.batch_size=2", "train.seq_len=64", "train.check_updates=false"]
-    k1, _ = accumulated_peak(load_config("configs/llama_20m.yaml", over))
+    k1 = measured_peak(load_config("configs/llama_20m.yaml", over))
     cfg_lag = load_config("configs/llama_20m.yaml", over + ["train.grad_accum_steps=4", "train.accum_mode=lagged"])
-    lag, held_lag = accumulated_peak(cfg_lag)
+    held_lag, held_ex = [], []
+    lag = measured_peak(cfg_lag, held=held_lag)
     cfg_ex = load_config("configs/llama_20m.yaml", over + ["train.grad_accum_steps=4"])
-    ex, held_ex = accumulated_peak(cfg_ex)
+    ex = measured_peak(cfg_ex, held=held_ex)
     m = cfg_lag.model
     float_grads = 4 * (2 * m.vocab_size * m.hidden_size + (2 * m.num_hidden_layers + 1) * m.hidden_size)
     matrix_grads = 4 * m.num_hidden_layers * (4 * m.hidden_size ** 2 + 3 * m.hidden_size * m.intermediate_size)
@@ -123,38 +89,13 @@ def test_spike_guard_rule():
     assert list(h.losses) == list(g.losses) and h.skips == 3
 
 
-def _trainer(tmp_path, **over):
+def _trainer(corpus, tmp_path, **over):
     from qapollo.train import Trainer
-    cfg = tiny_config(**over)
-    cfg.data.path = _corpus(tmp_path)
-    cfg.data.tokenizer = _tokenizer(tmp_path)
-    cfg.model.vocab_size = 512
-    cfg.data.cache_dir = str(tmp_path / "cache")
-    cfg.eval.tokens = 256
-    cfg.train.output_dir, cfg.train.log_every, cfg.train.save_every = str(tmp_path / "out"), 1, 0
+    cfg = make_cfg(corpus, tmp_path / "out", **over)
+    cfg.train.save_every = 0
     tr = Trainer(cfg, progress=False)
     tr.setup()
     return tr
-
-
-def _corpus(tmp_path) -> str:
-    import lzma
-    import os
-    path = tmp_path / "corpus.txt"
-    if not path.exists():
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with lzma.open(os.path.join(root, "qapollo/assets/corpus/shakespeare.train.txt.xz"), "rt") as f:
-            path.write_text(f.read(100_000))
-    return str(path)
-
-
-def _tokenizer(tmp_path) -> str:
-    import sentencepiece as spm
-    if not (tmp_path / "tok.model").exists():
-        spm.SentencePieceTrainer.train(
-            input=_corpus(tmp_path), model_prefix=str(tmp_path / "tok"), model_type="bpe", vocab_size=512,
-            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    return str(tmp_path / "tok.model")
 
 
 def _weights(model):
@@ -162,9 +103,9 @@ def _weights(model):
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_spike_is_skipped_before_backward(tmp_path, monkeypatch, accum):
+def test_spike_is_skipped_before_backward(corpus, tmp_path, monkeypatch, accum):
     import qapollo.train as train_mod
-    tr = _trainer(tmp_path, train__max_steps=20, train__grad_accum_steps=accum, train__accum_mode="lagged")
+    tr = _trainer(corpus, tmp_path, train__max_steps=20, train__grad_accum_steps=accum, train__accum_mode="lagged")
     for _ in range(10):  # history for the guard
         assert tr.train_step() is not None
     calls = {"n": 0}
@@ -189,10 +130,10 @@ def test_spike_is_skipped_before_backward(tmp_path, monkeypatch, accum):
     assert tr.guard.skips == 1
 
 
-def test_too_many_skips_in_a_row_stop_without_saving(tmp_path, monkeypatch):
+def test_too_many_skips_in_a_row_stop_without_saving(corpus, tmp_path, monkeypatch):
     import qapollo.train as train_mod
     from qapollo.train import TrainError
-    tr = _trainer(tmp_path, train__max_steps=40, train__max_skips_in_row=3)
+    tr = _trainer(corpus, tmp_path, train__max_steps=40, train__max_skips_in_row=3)
     for _ in range(9):
         tr.train_step()
     monkeypatch.setattr(train_mod, "causal_lm_loss", lambda model, x: torch.tensor(float("nan")))

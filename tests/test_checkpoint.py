@@ -1,7 +1,6 @@
 """Checkpoints: every state tensor round-trips, resume is bit-exact (also after SIGTERM), broken
 checkpoints give a one-line error naming the file and `resume=auto` falls back past them."""
 import json
-import lzma
 import os
 import re
 import shutil
@@ -21,48 +20,11 @@ from qapollo.config import load_config
 from qapollo.layerwise import ApolloUpdater
 from qapollo.metrics import read_metrics
 from qapollo.train import Trainer
-from tests.helpers import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, make_cfg, run  # noqa: F401
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: threads only add contention on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """200 kB of Shakespeare and a 512-piece BPE trained on it, so the tiny model's vocab fits."""
-    import sentencepiece as spm
-    d = tmp_path_factory.mktemp("corpus")
-    with lzma.open(os.path.join(ROOT, "qapollo/assets/corpus/shakespeare.train.txt.xz"), "rt") as f:
-        (d / "corpus.txt").write_text(f.read(200_000))
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), model_type="bpe", vocab_size=512,
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    return {"data.path": str(d / "corpus.txt"), "data.tokenizer": str(d / "tok.model"),
-            "data.cache_dir": str(d / "cache"), "eval.tokens": 256}
-
-
-def make_cfg(corpus, out, run="run", **over):
-    cfg = tiny_config(**over)
-    cfg.data.path, cfg.data.tokenizer = corpus["data.path"], corpus["data.tokenizer"]
-    cfg.data.cache_dir, cfg.eval.tokens = corpus["data.cache_dir"], corpus["eval.tokens"]
-    cfg.train.output_dir, cfg.train.run_name, cfg.train.log_every = str(out), run, 1
-    return cfg
-
-
-def run(cfg, resume=None) -> Trainer:
-    cfg.resume = resume
-    tr = Trainer(cfg, progress=False)
-    tr.setup()
-    tr.fit()
-    return tr
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_tensors(path):

@@ -14,8 +14,11 @@ from qapollo.evaluate import evaluate
 from qapollo.export import export
 from qapollo.model import int8_modules
 from qapollo.train import Trainer
-from tests.test_checkpoint import ROOT, corpus, make_cfg, one_thread, run  # noqa: F401 (fixtures)
+from tests.helpers import ROOT, make_cfg, run
 from tests.test_export import read_export
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ = 16
 

@@ -10,8 +10,11 @@ from safetensors import safe_open
 from qapollo import quant
 from qapollo.cli import main
 from qapollo.model import int8_modules
-from tests.test_checkpoint import corpus, make_cfg, one_thread, run  # noqa: F401 (fixtures)
+from tests.helpers import make_cfg, run
 
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):

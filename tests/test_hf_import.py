@@ -22,9 +22,11 @@ from qapollo.metrics import read_metrics
 from qapollo.model import int8_modules
 from qapollo.tokenizer import load_tokenizer
 from qapollo.train import Trainer
-from tests.test_checkpoint import corpus, one_thread  # noqa: F401 (fixtures)
 
 # (num_key_value_heads, tied, rope_scaling, sharded)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VARIANTS = {
     "mha-untied": (4, False, None, False),
     "gqa-tied": (2, True, None, True),

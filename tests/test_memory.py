@@ -1,41 +1,12 @@
 """Memory planner vs the live-tensor meter on tiny models, the chunked loss vs HF's, the plan CLI."""
-import gc
-
 import pytest
 import torch
 
 from qapollo.config import load_config
-from qapollo.layerwise import LayerwiseOptimizer
 from qapollo.loss import causal_lm_loss
-from qapollo.memory import LiveTensorCounter, parse_bytes, plan_main, predict_peak, resident_tensor_bytes
-from qapollo.model import build_model, enable_activation_checkpointing
-from tests.helpers import tiny_config
-
-
-def measured_peak(cfg, chunked: bool, steps: int = 2) -> int:
-    """max over steps of (resident model + optimizer states) + peak live bytes during the step."""
-    model = build_model(cfg.model, "cpu", seed=0)
-    model.train()
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, stochastic_round=True)
-    gen = torch.Generator().manual_seed(0)
-    peaks = []
-    for i in range(steps):
-        x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
-        states = [getattr(u, "state", None) for u in opt.updaters.values()]
-        states += [list(u.state_dict()[0].values()) for u in opt.updaters.values() if hasattr(u, "chunks")]
-        base = resident_tensor_bytes(model, states)
-        gc.collect()
-        c = LiveTensorCounter()
-        with c:
-            opt.begin_step(check=False)
-            loss = causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
-            loss.backward()
-            del loss
-            opt.end_step()
-        peaks.append(base + c.peak)
-    return max(peaks)
+from qapollo.memory import parse_bytes, plan_main, predict_peak
+from qapollo.model import build_model
+from tests.helpers import measured_peak, tiny_config
 
 
 SMALL = [

@@ -8,8 +8,11 @@ import pytest
 
 from qapollo.cli import main
 from qapollo.metrics import read_metrics
-from tests.test_checkpoint import corpus, make_cfg, one_thread, run  # noqa: F401 (fixtures)
+from tests.helpers import make_cfg, run
 
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def scalars(tb_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
