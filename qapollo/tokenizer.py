@@ -13,6 +13,8 @@ import shutil
 import sys
 import time
 
+from qapollo.textfiles import DataError, iter_file_documents, resolve_paths
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
@@ -128,10 +130,8 @@ def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2
     """
     import sentencepiece as spm
 
-    from qapollo import data  # late import: data imports this module
-
-    paths = data.resolve_paths(files)
-    lines = (ln for doc in data.iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
+    paths = resolve_paths(files)
+    lines = (ln for doc in iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     spm.SentencePieceTrainer.train(
@@ -160,8 +160,6 @@ def tokenizer_main(argv: list[str]) -> int:
     tr.add_argument("--vocab", type=int, required=True, help="vocabulary size, e.g. 32000")
     tr.add_argument("out", help="output folder (gets tokenizer.model + tokenizer_config.json)")
     args = ap.parse_args(argv)
-    from qapollo.data import DataError
-
     try:
         tok = train_tokenizer(args.corpus, args.vocab, args.out)
     except (DataError, RuntimeError) as e:
