@@ -284,7 +284,7 @@ def test_failed_save_keeps_previous_checkpoint(corpus, saved_run, tmp_path, monk
         if path.endswith("optimizer.safetensors"):
             raise OSError(28, "No space left on device")
         return real(path, items, meta)
-    monkeypatch.setattr(ck, "write_safetensors", failing)
+    monkeypatch.setattr(ck.saving, "write_safetensors", failing)
     with pytest.raises(OSError):
         tr.save()
     assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "checkpoint-4", "latest", "metrics.jsonl"]
@@ -353,11 +353,11 @@ def test_model_load_in_batches_is_exact(tmp_path):
     dst = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16, bias=False), torch.nn.LayerNorm(16))
     opened = []
     real_open = ck.open_safetensors
-    ck.open_safetensors = lambda p: opened.append(p) or real_open(p)
+    ck.loading.open_safetensors = lambda p: opened.append(p) or real_open(p)
     try:
         ck.load_model_tensors(dst, path, batch_bytes=1024)  # 8 KiB, 128 B + 2 KiB, 64 B + 64 B
     finally:
-        ck.open_safetensors = real_open
+        ck.loading.open_safetensors = real_open
     assert len(opened) == 3
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
