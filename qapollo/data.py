@@ -295,6 +295,16 @@ class Data:
         self.tokenizer, self.train, self.info = tokenizer, train, info
         self._val, self.seq_len, self.eval_tokens = val_tokens, seq_len, eval_tokens
 
+    def check_eval_tokens(self) -> None:
+        """eval.tokens must fit the held-out tokens: a smaller eval would be reported under a budget it never had."""
+        need = -(-self.eval_tokens // self.seq_len) * self.seq_len  # whole blocks
+        if need > len(self._val):
+            fit = len(self._val) // self.seq_len * self.seq_len
+            raise DataError(f"eval.tokens={self.eval_tokens} needs {need} held-out tokens but the "
+                            f"{self.info['validation']} of {self.info['source']} has {len(self._val)}: set "
+                            f"eval.tokens={fit} or less (whole blocks of train.seq_len {self.seq_len}), or add "
+                            f"validation data")
+
     def val_batches(self, batch_size: int) -> list[torch.Tensor]:
         """The first ceil(eval_tokens / seq_len) validation blocks, in order: the same every call."""
         n = min(-(-self.eval_tokens // self.seq_len), len(self._val) // self.seq_len)
@@ -302,11 +312,15 @@ class Data:
         return list(blocks.split(batch_size))
 
 
-def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536) -> Data:
-    """Tokenize (or find in the cache) the configured source and return loaders over it."""
+def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536,
+               tokenizer: Tokenizer | None = None) -> Data:
+    """Tokenize (or find in the cache) the configured source and return loaders over it.
+
+    `tokenizer`: one already loaded from cfg.tokenizer (the trainer checks it before anything is tokenized).
+    """
     if seq_len < 1 or batch_size < 1:
         raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
-    tok = load_tokenizer(getattr(cfg, "tokenizer", None))
+    tok = tokenizer or load_tokenizer(getattr(cfg, "tokenizer", None))
     src = _Source(cfg)
     max_tokens = getattr(cfg, "max_tokens", None)
     if src.streaming and not max_tokens:

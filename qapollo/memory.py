@@ -277,7 +277,11 @@ def plan_main(argv: list[str]) -> int:
         args.config = DEFAULT_CONFIG
     cfg = load_config(args.config, args.overrides)
     plan = predict_peak(cfg, args.device)
-    budget = parse_bytes(args.budget) if args.budget else None
+    try:
+        budget = parse_bytes(args.budget) if args.budget else None
+    except ValueError as e:
+        from .config import ConfigError
+        raise ConfigError(f"--budget: {e}") from None
     if args.json:
         import json
         print(json.dumps(plan))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -12,12 +13,16 @@ from tqdm import tqdm
 from .config import Config
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
-from .metrics import MetricsLog, peak_mem_bytes
+from .metrics import MetricsLog, peak_mem_bytes, rss_bytes
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class StepFailed(TrainError):
+    """A step raised part-way through (out of memory, a non-finite gradient...): nothing of it was saved."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -37,20 +42,31 @@ class Trainer:
         self.stop_requested = False
         self.tokens_seen = 0
         self.last_eval = None
+        self.plan = None
+        # the step under way, from its first batch until its update is complete: while set, the in-memory
+        # state may be half-updated (in-backward updates) and every save refuses it (checkpoint.save)
+        self.dirty_step: int | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         from . import checkpoint
         from .data import build_data, check_vocab
+        from .tokenizer import load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
         self._plan_memory()
-        # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
+        # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape,
+        # an output folder that cannot be written or lacks room for one checkpoint, another tokenizer
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
+        checkpoint.check_output_dir(self.run_dir, self.plan)
+        tok = load_tokenizer(cfg.data.tokenizer)
+        check_vocab(tok, cfg.model.vocab_size)
+        checkpoint.check_tokenizer(resume_from, tok)
         torch.manual_seed(t.seed)
         self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
-                               eval_tokens=cfg.eval.tokens)
-        check_vocab(self.data.tokenizer, cfg.model.vocab_size)
+                               eval_tokens=cfg.eval.tokens, tokenizer=tok)
+        if cfg.eval.every > 0:
+            self.data.check_eval_tokens()
         self.model = build_model(cfg.model, self.device, seed=t.seed)
         self.model.train()
         if cfg.model.activation_checkpointing:
@@ -63,7 +79,7 @@ class Trainer:
     def _plan_memory(self) -> None:
         """Print the planner's peak; refuse a CUDA run predicted not to fit the device (memory.py)."""
         from .memory import advice, fmt, one_line, predict_peak, tune_cpu_allocator
-        plan = predict_peak(self.cfg, self.device.type)
+        self.plan = plan = predict_peak(self.cfg, self.device.type)
         tqdm.write(one_line(plan, str(self.device)))
         if self.device.type == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
@@ -106,6 +122,21 @@ class Trainer:
         loss = sum(losses) / max(1, len(losses))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
+    def _guarded_step(self) -> float:
+        """train_step with the state marked dirty until it completes: a half-applied step is never saved."""
+        self.dirty_step = self.opt.step_count + 1
+        try:
+            loss = self.train_step()
+        except BaseException as e:  # any exception between the first batch and the end of the update
+            from .failures import explain
+            msg, known = explain(self, e)
+            if known:
+                raise StepFailed(msg) from e
+            tqdm.write(f"qapollo: {msg}; the traceback follows", file=sys.stderr)
+            raise
+        self.dirty_step = None
+        return loss
+
     # ---- the loop ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -117,8 +148,10 @@ class Trainer:
                 pass
 
     def fit(self) -> dict:
+        from . import testhook
         t = self.cfg.train
         self._install_signal_handlers()
+        testhook.install(self)  # test-only crash points; a no-op unless QAPOLLO_TEST_HOOK is set
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n = count_params(self.model)
@@ -136,7 +169,7 @@ class Trainer:
         record = {}
         while self.opt.step_count < t.max_steps and not self.stop_requested:
             lr = self.opt.current_lr()
-            loss = self.train_step()
+            loss = self._guarded_step()
             step = self.opt.step_count
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps or step == start + 1 or self._eval_due(step):
@@ -144,7 +177,8 @@ class Trainer:
                 tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, self.tokens_seen
                 record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                          "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device)}
+                          "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device),
+                          "rss_bytes": rss_bytes()}
                 if self._eval_due(step):
                     record.update(self.evaluate())
                     self.last_eval = record
@@ -166,7 +200,7 @@ class Trainer:
         return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
 
     def save(self) -> None:
-        """Write a checkpoint of the current step (checkpoint.py)."""
+        """Write a checkpoint of the current step (checkpoint/saving.py; refused while dirty_step is set)."""
         from . import checkpoint
         checkpoint.save(self)
 

@@ -36,6 +36,10 @@ class IncompatibleCheckpoint(CheckpointError):
     """The checkpoint is intact but made with another model shape or optimizer: no fallback helps."""
 
 
+class DiskSpaceError(CheckpointError):
+    """Not enough free disk space for a checkpoint; nothing was written and earlier checkpoints are kept."""
+
+
 def say(msg: str) -> None:
     print(f"qapollo: {msg}", file=sys.stderr, flush=True)
 

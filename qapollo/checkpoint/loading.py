@@ -12,6 +12,7 @@ import torch
 from .files import CheckpointError, IncompatibleCheckpoint, open_safetensors, say
 from .validation import validate
 
+
 def resume(trainer, ckpts: list[str]) -> str | None:
     """Load the first valid checkpoint of `ckpts` into the trainer; None (fresh run) when empty."""
     if not ckpts:

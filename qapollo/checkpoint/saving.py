@@ -1,18 +1,23 @@
 """Saving: checkpoint-<step> written into a temp folder, fsynced, named in `latest`, renamed into place, rotated."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
-from .files import SCHEMA, _fsync_dir, _items, _write_text, list_checkpoints, say, write_safetensors
-from .validation import _files_ok
+from .. import testhook
+from .files import (SCHEMA, CheckpointError, DiskSpaceError, _fsync_dir, _items, _write_text, list_checkpoints, say,
+                    write_safetensors)
+from .validation import _files_ok, resume_target
+
 
 def versions() -> dict:
     import importlib.metadata as md
@@ -72,9 +77,17 @@ def _meta(kind: str, step: int, **extra) -> dict[str, str]:
 
 
 def save(trainer) -> str:
-    """Write checkpoint-<step> atomically, then `latest`, then drop checkpoints beyond save_total_limit."""
+    """Write checkpoint-<step> atomically and name it in `latest`, then drop checkpoints beyond keep_checkpoints.
+
+    Refused for a step that did not complete (trainer.dirty_step: some tensors updated, others not) and,
+    before anything is written, when the disk lacks room for it.
+    """
     step, run_dir = trainer.opt.step_count, trainer.run_dir
     name = f"checkpoint-{step}"
+    dirty = getattr(trainer, "dirty_step", None)
+    if dirty is not None:
+        raise CheckpointError(f"refusing to save {name}: step {dirty} did not complete, so the weights and "
+                              f"optimizer states in memory are partly updated")
     final = os.path.join(run_dir, name)
     os.makedirs(run_dir, exist_ok=True)
     done = getattr(trainer, "checkpoint_path", None)
@@ -85,11 +98,16 @@ def save(trainer) -> str:
     for d in os.listdir(run_dir):  # leftovers of a save that crashed: never a valid checkpoint
         if d.startswith(".tmp-checkpoint-") or d.startswith(".old-checkpoint-"):
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    check_disk_space(run_dir, name, checkpoint_bytes(trainer))
     tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
     os.makedirs(tmp)
     t0 = time.perf_counter()
     try:
         files = _write_checkpoint(trainer, tmp, step)
+        # `latest` first: a crash before the rename leaves it naming a missing folder, and resume falls
+        # back to the newest checkpoint that exists (the one before), never to an older one it named.
+        _write_latest(run_dir, name)
+        testhook.hit("save:latest", step)
         if os.path.isdir(final):  # an older or broken folder of this step: replaced only now
             old = os.path.join(run_dir, f".old-{name}-{os.getpid()}")
             os.replace(final, old)
@@ -98,15 +116,67 @@ def save(trainer) -> str:
         else:
             os.replace(tmp, final)  # atomic; fails rather than overwrite a non-empty folder
         _fsync_dir(run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(f"the disk filled up while writing {name} in {run_dir} ({e.strerror}): the "
+                                 f"partial checkpoint was removed; {kept_note(run_dir)}; free some space, then "
+                                 f"continue with --resume auto") from e
         raise
-    _write_latest(run_dir, name)
-    _rotate(run_dir, trainer.cfg.train.save_total_limit, keep=final)
+    testhook.hit("save:rotate", step)
+    _rotate(run_dir, trainer.cfg.train.keep_checkpoints, keep=final)
     trainer.checkpoint_path = final
     mb = sum(f["bytes"] for f in files.values()) / 2**20
     say(f"saved {final} ({mb:.1f} MiB in {time.perf_counter() - t0:.2f}s)")
     return final
+
+
+# ---- disk space ----------------------------------------------------------------------------------
+HEADROOM_BYTES = 16 << 20  # safetensors headers, JSON/YAML, the tokenizer files (≈ 0.5 MB for 32k)
+
+
+def checkpoint_bytes(trainer) -> int:
+    """Bytes the next checkpoint takes: every model and optimizer tensor, plus headroom for the rest."""
+    tensors = list(trainer.model.state_dict().values()) + list(optimizer_state(trainer.opt)[0].values())
+    return sum(t.numel() * t.element_size() for t in tensors) + HEADROOM_BYTES
+
+
+def check_disk_space(run_dir: str, name: str, need: int) -> None:
+    """Fail before writing when the file system of run_dir has less than `need` bytes free."""
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise DiskSpaceError(
+            f"not enough disk space for {name} in {run_dir}: it needs about {need / 2**20:,.1f} MiB and "
+            f"{free / 2**20:,.1f} MiB are free; nothing was written and {kept_note(run_dir)}; free some space "
+            f"(or lower train.keep_checkpoints, or set train.output_dir to a larger disk), then continue with "
+            f"--resume auto")
+
+
+def check_output_dir(run_dir: str, plan: dict | None = None) -> None:
+    """Before a run allocates anything: its folder can be created and written, and holds one checkpoint.
+
+    `plan` (memory.predict_peak) gives the checkpoint size: the persistent weights and optimizer states.
+    """
+    where = run_dir
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise CheckpointError(f"train.output_dir: {where} is a file, not a folder, so {run_dir} cannot be created; "
+                              f"set train.output_dir to a folder")
+    try:  # os.access says yes to root even where writing fails (read-only or special file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".qapollo-write-test-", dir=where))
+    except OSError as e:
+        raise CheckpointError(f"train.output_dir: cannot write in {where} ({e.strerror}); choose a writable "
+                              f"folder with train.output_dir=PATH") from None
+    if plan is not None:
+        need = plan["persistent_bytes"] - plan["components"].get("accumulated_grads", 0) + HEADROOM_BYTES
+        check_disk_space(where, "the first checkpoint", need)
+
+
+def kept_note(run_dir: str) -> str:
+    target = resume_target(run_dir)
+    return (f"the earlier checkpoints are kept (--resume auto continues from {target})" if target
+            else "no checkpoint of this run exists yet")
 
 
 def _write_checkpoint(trainer, tmp: str, step: int) -> dict:
@@ -116,6 +186,7 @@ def _write_checkpoint(trainer, tmp: str, step: int) -> dict:
     model_t = trainer.model.state_dict()
     files["model.safetensors"] = write_safetensors(
         os.path.join(tmp, "model.safetensors"), _items(model_t), _meta("model", step))
+    testhook.hit("save:model", step)
     opt_t, layout = optimizer_state(opt)
     files["optimizer.safetensors"] = write_safetensors(
         os.path.join(tmp, "optimizer.safetensors"), _items(opt_t), _meta("optimizer", step, layout=layout))
@@ -144,6 +215,8 @@ def _write_checkpoint(trainer, tmp: str, step: int) -> dict:
         "versions": versions(),
         "metrics": {"file": "../metrics.jsonl", "last_step": step},
         "last_eval": getattr(trainer, "last_eval", None),
+        "tokenizer": None if tok is None else {"name": str(tok.name_or_path), "vocab_size": tok.vocab_size,
+                                               "fingerprint": tok.fingerprint()},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }

@@ -23,6 +23,11 @@ def candidates(run_dir: str) -> list[str]:
     return first + [p for p in ckpts if p not in first]
 
 
+def resume_target(run_dir: str) -> str | None:
+    """The checkpoint `--resume auto` would continue from (first candidate whose files are all there)."""
+    return next((p for p in candidates(run_dir) if _files_ok(p)), None)
+
+
 def is_checkpoint_dir(path: str) -> bool:
     return bool(CKPT_RE.match(os.path.basename(os.path.normpath(path)))) or \
         os.path.exists(os.path.join(path, "trainer_state.json"))
@@ -107,6 +112,32 @@ def check_compatible(ckpt: str, saved, cfg) -> None:
             f"cannot resume {ckpt}: it was trained with {k}={old[k]!r} but the config has {k}={new[k]!r}"
             f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; model shape and optimizer kind must "
             f"match (max_steps, logging and eval may change): set {k}={old[k]} or start a new train.run_name")
+
+
+def check_tokenizer(ckpts: list[str], tok) -> None:
+    """The run to resume was tokenized with this tokenizer: other token ids would silently mean other text.
+
+    Checks the first checkpoint (all of a run share the tokenizer), before any data is tokenized or a
+    model built. Older checkpoints without the fingerprint are compared through their saved tokenizer/.
+    """
+    for ckpt in ckpts[:1]:
+        try:
+            saved = read_state(ckpt).get("tokenizer")
+        except CheckpointError:
+            return  # reported, with fallback, when the checkpoint is validated
+        if saved is None:
+            folder = os.path.join(ckpt, "tokenizer")
+            if not os.path.isdir(folder):
+                return
+            from ..tokenizer import load_tokenizer
+            old = load_tokenizer(folder)
+            saved = {"name": str(old.name_or_path), "vocab_size": old.vocab_size, "fingerprint": old.fingerprint()}
+        if saved.get("fingerprint") != tok.fingerprint():
+            raise IncompatibleCheckpoint(
+                f"cannot resume {ckpt}: it was trained with tokenizer {saved.get('name')!r} (vocab "
+                f"{saved.get('vocab_size')}) but data.tokenizer gives {str(tok.name_or_path)!r} (vocab "
+                f"{tok.vocab_size}), another tokenizer: resume with data.tokenizer={os.path.join(ckpt, 'tokenizer')} "
+                f"(the copy saved with the run) or start a new train.run_name")
 
 
 def check_files(ckpt: str, state: dict, crc: bool = True) -> None:
