@@ -193,7 +193,7 @@ def _flatten(d: dict, where: str) -> dict[str, Any]:
             out[k] = v
         elif k in SECTIONS and not isinstance(v, (dict, type(None))):
             raise ConfigError(f"config section '{k}' in {where} must be a mapping of keys (key: value lines "
-                              f"indented under '{k}:'), got a {type(v).__name__}")
+                              f"indented under '{k}:'), got {v!r}")
         elif k in SECTIONS:
             for kk, vv in (v or {}).items():  # an empty section (`model:` alone) is null: nothing to set
                 out[f"{k}.{kk}"] = vv
@@ -226,7 +226,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             try:
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+                mark, what = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"config file '{path}' is not valid YAML: {what}{at}; fix that line (configs/ has "
+                                  f"examples)") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' holds a {type(raw).__name__}, not a mapping of sections: "
                               f"write it as `model:`, `optim:`, `train:`, `data:`, `eval:` sections (see configs/)")
@@ -305,7 +308,7 @@ def _validate_shape(m: ModelConfig, need) -> None:
                      f"hidden_size / heads channels; use e.g. model.num_attention_heads={' or '.join(map(str, sorted(near)))}")
     need(kv is None or (kv >= 1 and n % kv == 0),
          f"model.num_attention_heads {n} is not a multiple of model.num_key_value_heads {kv}: grouped-query "
-         f"attention shares each key/value head among an equal group; use a divisor of {n} (or null: {n})")
+         f"attention shares each key/value head among an equal group: use a divisor of {n}, or null for {n}")
 
 
 def _matrix_shapes(m: ModelConfig) -> list[tuple[int, int]]:

@@ -300,8 +300,8 @@ class Data:
         need = -(-self.eval_tokens // self.seq_len) * self.seq_len  # whole blocks
         if need > len(self._val):
             fit = len(self._val) // self.seq_len * self.seq_len
-            raise DataError(f"eval.tokens={self.eval_tokens} needs {need} held-out tokens but the "
-                            f"{self.info['validation']} of {self.info['source']} has {len(self._val)}: set "
+            raise DataError(f"eval.tokens={self.eval_tokens} needs {need} held-out tokens but the held-out data "
+                            f"({self.info['validation']}) has {len(self._val)}: set "
                             f"eval.tokens={fit} or less (whole blocks of train.seq_len {self.seq_len}), or add "
                             f"validation data")
 
@@ -348,7 +348,7 @@ def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: i
         n_hold = -(-int(eval_tokens) // seq_len) * seq_len
         if n_hold >= len(train):
             raise DataError(f"{src.desc} has {len(train)} tokens, too few to hold out eval.tokens={eval_tokens} for "
-                            "validation; add data or lower eval.tokens")
+                            f"validation; add data or lower eval.tokens well below {len(train)}")
         train, val = train[: len(train) - n_hold], train[len(train) - n_hold :]
         held_out = f"last {n_hold} train tokens"
     loader = BlockLoader(train, seq_len, batch_size, seed, key)

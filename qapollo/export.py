@@ -45,7 +45,8 @@ def find_checkpoint(spec: str) -> str:
         raise CheckpointError(f"{spec}: no such checkpoint or run directory")
     found = [spec] if ck.is_checkpoint_dir(spec) else ck.candidates(spec)
     if not found:
-        raise CheckpointError(f"{spec}: holds no checkpoint-<step> folder")
+        raise CheckpointError(f"{spec}: holds no checkpoint-<step> folder; give checkpoints/<run> or "
+                              f"checkpoints/<run>/checkpoint-<step>")
     for i, path in enumerate(found):
         try:
             ck.check_files(path, ck.read_state(path))

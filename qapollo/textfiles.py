@@ -21,8 +21,8 @@ class DataError(ValueError):
     """Bad data config or input: the message says what is wrong and how to fix it."""
 
 
-def resolve_paths(path) -> list[str]:
-    """Comma-separated string or list of files/globs -> sorted, existing files."""
+def resolve_paths(path, what: str = "data.path") -> list[str]:
+    """Comma-separated string or list of files/globs -> sorted, existing files (`what` names them in errors)."""
     specs = [s.strip() for s in path.split(",")] if isinstance(path, str) else [str(s) for s in path]
     out = []
     for spec in filter(None, specs):
@@ -33,10 +33,10 @@ def resolve_paths(path) -> list[str]:
             if os.path.isdir(h):
                 files += sorted(f for f in glob.glob(os.path.join(h, "**", "*"), recursive=True) if os.path.isfile(f))
         if not files:
-            raise DataError(f"data.path {spec!r} matches no file: check the path or glob (relative to {os.getcwd()})")
+            raise DataError(f"{what} {spec!r} matches no file: check the path or glob (relative to {os.getcwd()})")
         out += files
     if not out:
-        raise DataError("data.path is empty: give files such as data.path=corpus/*.txt")
+        raise DataError(f"{what} is empty: give files such as corpus/*.txt")
     return out
 
 
@@ -80,9 +80,10 @@ def _jsonl_documents(path: str, field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not a JSON line ({e.msg}); .jsonl files need one JSON object per line") from None
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:  # never skipped: see the module docstring
+                raise DataError(f"{path}:{i}: not a JSON line ({e.msg}: column {e.colno}): fix or delete that line "
+                                f"(.jsonl files need one JSON object per line)") from None
             if not isinstance(row, dict) or field not in row:
                 keys = list(row) if isinstance(row, dict) else type(row).__name__
                 raise DataError(f"{path}:{i}: no {field!r} field (found {keys}); set data.text_field")

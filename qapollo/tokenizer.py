@@ -153,7 +153,7 @@ def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2
     """
     import sentencepiece as spm
 
-    paths = resolve_paths(files)
+    paths = resolve_paths(files, what="corpus")
     lines = (ln for doc in iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()

@@ -157,7 +157,7 @@ def check_output_dir(run_dir: str, plan: dict | None = None) -> None:
 
     `plan` (memory.predict_peak) gives the checkpoint size: the persistent weights and optimizer states.
     """
-    where = run_dir
+    where = os.path.abspath(run_dir)
     while not os.path.exists(where) and os.path.dirname(where) != where:
         where = os.path.dirname(where)
     if not os.path.isdir(where):
