@@ -34,7 +34,7 @@ def explain(trainer, e: BaseException) -> tuple[str, bool]:
     if is_out_of_memory(e):
         m = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(e))
         what, known = "out of memory" + (f" (tried to allocate {m.group(1)})" if m else ""), True
-        tail = ". " + oom_advice(trainer)
+        tail = "; " + oom_advice(trainer)
     elif isinstance(e, (TrainError, UpdateCheckError)):
         what, known = str(e), True
     else:
@@ -61,5 +61,5 @@ def oom_advice(trainer) -> str:
         tips.append("set model.activation_checkpointing=true")
     if os.path.exists(PRESET_8GB):
         tips.append(f"start from the 8 GB preset configs/{os.path.basename(PRESET_8GB)}")
-    ask = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + " or " + tips[-1]
+    ask = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + ", or " + tips[-1]
     return f"{said}; to fit: {ask} (see `qapollo plan`)"

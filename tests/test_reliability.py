@@ -192,7 +192,8 @@ def test_oom_advice_names_the_8gb_preset_only_when_it_exists(tmp_path, monkeypat
     assert "8 GB preset" not in failures.oom_advice(fake)
     (tmp_path / "llama_7b_8gb.yaml").write_text("model: {}\n")
     advice = failures.oom_advice(fake)
-    assert "or start from the 8 GB preset configs/llama_7b_8gb.yaml" in advice
+    assert advice.endswith("; to fit: lower train.batch_size (now 2) or train.seq_len (now 16), or start from the "
+                           "8 GB preset configs/llama_7b_8gb.yaml (see `qapollo plan`)")
     assert "activation_checkpointing" not in advice  # already on: not suggested
 
 
