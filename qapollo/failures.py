@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import torch
 
@@ -22,26 +23,46 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-def explain(trainer, e: BaseException) -> tuple[str, bool]:
-    """(one-line message, whether it is a known condition the user fixes) for a step that raised `e`."""
-    from .checkpoint import resume_target
+def on_step_failure(trainer, e: BaseException) -> BaseException:
+    """The exception that ends a run whose step raised `e` (returned `e` itself: re-raise it unchanged).
+
+    Out of memory becomes a one-line StepFailed. The trainer's own errors (TrainError, UpdateCheckError, e.g.
+    a non-finite loss or gradient) keep their type, so callers can still catch them, with the resume point
+    added to their message. Anything else is a bug: the same first part is printed, then its traceback.
+    """
     from .layerwise import UpdateCheckError
-    from .train import TrainError
-    target = resume_target(trainer.run_dir)
-    where = (f"--resume auto will continue from {target}" if target
-             else "no checkpoint of this run exists yet, so a rerun starts from step 0")
-    tail = ""
+    from .train import StepFailed, TrainError
+    what, tail = _what(e), ""
+    if is_out_of_memory(e):
+        tail = "; " + oom_advice(trainer)
+    msg = (f"step {trainer.dirty_step} did not complete ({what}); the weights and optimizer states in memory may "
+           f"be partly updated, so nothing was saved; {_resume_note(trainer)}{tail}")
+    if is_out_of_memory(e):
+        return StepFailed(msg)
+    if isinstance(e, (TrainError, UpdateCheckError)):
+        e.args = (msg,)
+        return e if str(e) == msg else StepFailed(msg)  # a class with its own __str__: wrap it instead
+    print(f"qapollo: {msg}; the traceback follows", file=sys.stderr, flush=True)
+    return e
+
+
+def _what(e: BaseException) -> str:
     if is_out_of_memory(e):
         m = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(e))
-        what, known = "out of memory" + (f" (tried to allocate {m.group(1)})" if m else ""), True
-        tail = "; " + oom_advice(trainer)
-    elif isinstance(e, (TrainError, UpdateCheckError)):
-        what, known = str(e), True
-    else:
-        lines = str(e).strip().splitlines()
-        what, known = type(e).__name__ + (f": {lines[0]}" if lines else ""), False
-    return (f"step {trainer.dirty_step} did not complete ({what}); the weights and optimizer states in memory may "
-            f"be partly updated, so nothing was saved; {where}{tail}"), known
+        return "out of memory" + (f" (tried to allocate {m.group(1)})" if m else "")
+    from .layerwise import UpdateCheckError
+    from .train import TrainError
+    if isinstance(e, (TrainError, UpdateCheckError)):
+        return str(e)
+    lines = str(e).strip().splitlines()
+    return type(e).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def _resume_note(trainer) -> str:
+    from .checkpoint import resume_target
+    target = resume_target(trainer.run_dir)
+    return (f"--resume auto will continue from {target}" if target
+            else "no checkpoint of this run exists yet, so a rerun starts from step 0")
 
 
 def oom_advice(trainer) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -22,7 +21,7 @@ class TrainError(RuntimeError):
 
 
 class StepFailed(TrainError):
-    """A step raised part-way through (out of memory, a non-finite gradient...): nothing of it was saved."""
+    """A step ran out of memory part-way through: nothing of it was saved (failures.py words it)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,12 +127,11 @@ class Trainer:
         try:
             loss = self.train_step()
         except BaseException as e:  # any exception between the first batch and the end of the update
-            from .failures import explain
-            msg, known = explain(self, e)
-            if known:
-                raise StepFailed(msg) from e
-            tqdm.write(f"qapollo: {msg}; the traceback follows", file=sys.stderr)
-            raise
+            from .failures import on_step_failure
+            err = on_step_failure(self, e)  # says what happened and where a resume continues
+            if err is e:
+                raise
+            raise err from e
         self.dirty_step = None
         return loss
 

@@ -166,7 +166,8 @@ def snapshot(*roots, skip=()):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, shared, tmp_path, capsys, monkeypatch, case):  # noqa: F811
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, shared, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                         request, case):
     if case == "device cuda without CUDA" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     argv_of, needle, tokenizes = CASES[case]
@@ -192,8 +193,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, shared, tmp_pa
     assert rc == 2, err
     assert len(lines) == 1 and needle in lines[0], err
     assert "Traceback" not in err
-    with capsys.disabled():  # the catalogue as the user sees it: pytest -s tests/test_bad_input.py
-        print(f"\n{case}: {lines[0]}", end="")
+    if request.config.getoption("capture") == "no":  # the catalogue as the user sees it: pytest -s
+        with capsys.disabled():
+            print(f"\n{case}: {lines[0]}", end="")
     assert snapshot(tmp_path, shared.dir, skip={cache}) == before
     if not tokenizes:  # refused before anything was tokenized
         assert (sorted(os.listdir(cache)) if os.path.isdir(cache) else []) == cache_before
