@@ -11,7 +11,7 @@ Sources (data config):
 
 Documents: a .txt file gives one document per blank-line-separated paragraph (one paragraph is the
 unit every text file has; the packing below keeps neighbouring paragraphs together anyway); a jsonl
-line, parquet row or dataset row gives one document.
+line, parquet row or dataset row gives one document (local files are read by textfiles.py).
 
 Token stream: each document is `<s> tokens </s>`, as LLaMA was trained and as the exported HF
 tokenizer (add_bos_token) encodes prompts, so EOS always sits between two documents. The stream is

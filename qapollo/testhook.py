@@ -1,6 +1,6 @@
 """TEST-ONLY crash injection: `QAPOLLO_TEST_HOOK=<point>@<step>` SIGKILLs this process at that point.
 
-Never set it outside tests. tests/test_crash.py uses it to land a `kill -9` exactly where a crash is
+Never set it outside tests. tests/test_reliability.py uses it to land a `kill -9` exactly where a crash is
 most dangerous and checks that every checkpoint under its final name still loads and that
 `--resume auto` continues from the newest complete one. The points:
 

@@ -14,7 +14,7 @@
 
 A checkpoint is written into `.tmp-checkpoint-<step>-<pid>/`, every file fsynced, named in `latest`,
 renamed into place, and only then are checkpoints beyond train.keep_checkpoints removed: a crash at any
-point (tests/test_crash.py kills the process at each of these moments) leaves every folder under a
+point (tests/test_reliability.py kills the process at each of these moments) leaves every folder under a
 `checkpoint-<step>` name complete, and `--resume auto` continues from the newest one. A save checks the
 free disk space first and refuses a step that did not complete (a half-applied in-backward update).
 Nothing is pickled: tensors go to safetensors (written here tensor by tensor), the rest to JSON/YAML.
