@@ -7,7 +7,8 @@ layers, so a 7B-width model trains a few dozen steps on a CPU. Each setting runs
 lr held constant (no decay: the probe asks whether the peak itself is stable), from the same init and data.
 
     python benchmarks/stability.py --name 7b_w4096 --lrs 3e-4 1e-3 3e-3            # 7B width, 2 layers
-    python benchmarks/stability.py --name widths --widths 256 1024 4096 --lrs 1e-3 3e-3
+    python benchmarks/stability.py --name widths --widths 256 1024 4096 --lrs 1e-3 3e-3 \
+        --float-lrs 3e-3 --float-lr-ref-width 256                                # float lr 3e-3·256/width
     python benchmarks/stability.py --name accum --accum 1 4 --lrs 1e-3 2e-3         # tokens per step via K
 
 Verdict of a setting (`ok`): every loss is finite; no loss after the warmup is above the first step's; no
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", type=float, nargs="+", required=True, help="peak lrs of the APOLLO matrices")
     ap.add_argument("--float-lrs", type=float, nargs="+", default=[0.0],
                     help="peak lrs of embeddings/norms/lm_head (0: the config's optim.float_lr rule)")
+    ap.add_argument("--float-lr-ref-width", type=int, default=0,
+                    help="scale each --float-lrs value by REF/width (the lr ∝ 1/width rule for the Adam-trained "
+                         "embeddings/lm_head); 0: the values as given")
     ap.add_argument("--batch", type=int, nargs="+", default=[8], help="micro-batch sizes")
     ap.add_argument("--accum", type=int, nargs="+", default=[1], help="micro-batches per step (lagged mode)")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -185,7 +189,10 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"stability_{args.name}.json")
     runs = json.load(open(path))["runs"] if os.path.exists(path) else []
     done = {identity(r["overrides"]) for r in runs}
+    base_width = load_config(args.config, []).model.hidden_size
     for width, batch, accum, lr, flr in itertools.product(args.widths, args.batch, args.accum, args.lrs, args.float_lrs):
+        if flr and args.float_lr_ref_width:  # muP-style: the Adam-trained tensors' lr ∝ 1/width
+            flr = flr * args.float_lr_ref_width / (width or base_width)
         over = setting_overrides(args, width or None, batch, accum, lr, flr or None)
         ident = identity(over)
         if ident in done:

@@ -1,6 +1,8 @@
 """Command line: `qapollo train|plan|export|eval|tokenizer|plot …` (run_7b.py is `qapollo train` with the 7B config).
 
-Bad input ends with one line `error: …` naming the problem and the fix, and exit status 2.
+Bad input ends with one line `error: …` naming the problem and the fix, and exit status 2, before anything
+is allocated or written where it can be checked up front. `--debug` (anywhere on the command line) re-raises
+instead, with the traceback. Anything else (a bug) ends with its traceback.
 """
 from __future__ import annotations
 
@@ -12,22 +14,15 @@ from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .export import ExportError
     from .layerwise import UpdateCheckError
     from .metrics import MetricsError
+    from .textfiles import DataError
     from .train import TrainError
-    errs = [ConfigError, UpdateCheckError, TrainError, MetricsError, FileNotFoundError]
-    try:
-        from .data import DataError
-        errs.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from .checkpoint import CheckpointError
-        errs.append(CheckpointError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (ConfigError, UpdateCheckError, TrainError, MetricsError, FileNotFoundError, DataError, CheckpointError,
+            ExportError)
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:
@@ -51,6 +46,8 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
 
 def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     commands = {"train", "plan", "export", "eval", "tokenizer", "plot"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: qapollo {train,plan,export,eval,tokenizer,plot} ...\n"
@@ -59,7 +56,8 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
               "  export     write an HF-loadable bf16 model from a checkpoint\n"
               "  eval       loss and perplexity of a checkpoint or HF folder on text (qapollo eval RUN --data F...)\n"
               "  tokenizer  train a sentencepiece BPE tokenizer (qapollo tokenizer train CORPUS... --vocab N OUT/)\n"
-              "  plot       draw loss/eval curves of runs from their metrics.jsonl")
+              "  plot       draw loss/eval curves of runs from their metrics.jsonl\n"
+              "  --debug    show the traceback of an error instead of its one-line message")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
     try:
@@ -81,6 +79,8 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
             from .plot import plot_main
             return plot_main(rest)
     except _user_errors() as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 2

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -84,7 +85,7 @@ class TrainConfig:
     accum_mode: str = "exact"
     seed: int = 0
     save_every: int = 0  # 0: only at the end
-    save_total_limit: int = 2
+    keep_checkpoints: int = 2  # checkpoints kept on disk (the newest); 0 keeps all
     log_every: int = 10
     output_dir: str = "checkpoints"
     run_name: str = ""  # empty: derived from the config file name
@@ -140,6 +141,8 @@ class Config:
 SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "data": DataConfig,
             "eval": EvalConfig}
 TOP_LEVEL = {"resume"}
+# Old key names still read (YAML files, configs saved in older checkpoints), mapped to the new ones.
+RENAMED = {"train.save_total_limit": "train.keep_checkpoints"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -190,6 +193,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
+    dotted = RENAMED.get(dotted, dotted)
     parts = dotted.split(".")
     if len(parts) == 1 and parts[0] in TOP_LEVEL:
         cfg.resume = _coerce(value, str | None, dotted)
@@ -216,8 +220,11 @@ def _flatten(d: dict, where: str) -> dict[str, Any]:
     for k, v in d.items():
         if k in TOP_LEVEL:
             out[k] = v
-        elif isinstance(v, dict) and k in SECTIONS:
-            for kk, vv in v.items():
+        elif k in SECTIONS and not isinstance(v, (dict, type(None))):
+            raise ConfigError(f"config section '{k}' in {where} must be a mapping of keys (key: value lines "
+                              f"indented under '{k}:'), got {v!r}")
+        elif k in SECTIONS:
+            for kk, vv in (v or {}).items():  # an empty section (`model:` alone) is null: nothing to set
                 out[f"{k}.{kk}"] = vv
         else:
             raise ConfigError(f"unknown config section '{k}' in {where}; expected {sorted(SECTIONS)}")
@@ -231,6 +238,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _warn_renamed(key: str, where: str) -> None:
+    if key in RENAMED:
+        print(f"qapollo: warning: {key} (in {where}) is now called {RENAMED[key]}; the old name still works",
+              file=sys.stderr)
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults ← YAML file ← dotted overrides; then validation."""
     cfg = Config()
@@ -242,15 +255,22 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             try:
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+                mark, what = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"config file '{path}' is not valid YAML: {what}{at}; fix that line (configs/ has "
+                                  f"examples)") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must be a mapping of sections")
+            raise ConfigError(f"config file '{path}' holds a {type(raw).__name__}, not a mapping of sections: "
+                              f"write it as `model:`, `optim:`, `train:`, `data:`, `eval:` sections (see configs/)")
         for k, v in _flatten(raw, path).items():
+            _warn_renamed(k, path)
             _set(cfg, k, v)
         if not cfg.train.run_name:
             cfg.train.run_name = os.path.splitext(os.path.basename(path))[0]
     for o in overrides:
-        _set(cfg, *parse_override(o))
+        k, v = parse_override(o)
+        _warn_renamed(k, "the command line")
+        _set(cfg, k, v)
     if not cfg.train.run_name:
         cfg.train.run_name = "run"
     validate(cfg)
@@ -280,17 +300,27 @@ def validate(cfg: Config) -> None:
     need(o.lr > 0, "optim.lr must be > 0")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-    need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size must be divisible by model.num_attention_heads")
+    _validate_shape(m, need)
     need(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype must be auto/float32/bfloat16/float16, got '{m.dtype}'")
     if m.weight_quant:
-        kv = (m.num_key_value_heads or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
-        sizes = {m.hidden_size * m.hidden_size, kv * m.hidden_size, m.intermediate_size * m.hidden_size}
+        # groups may span rows (1376 x 512 with group 128): each matrix's size must divide, not its rows
+        sizes = {a * b for a, b in _matrix_shapes(m)}
         need(m.group_size > 0 and all(n % m.group_size == 0 for n in sizes),
              f"model.group_size {m.group_size} must divide the size of every projection matrix "
              f"(hidden {m.hidden_size}, intermediate {m.intermediate_size}); try 128, 64 or 32")
         need(o.name != "adamw", "optim.name=adamw needs float weights: set model.weight_quant=false")
-    need(t.batch_size >= 1 and t.seq_len >= 2, "train.batch_size must be >= 1 and train.seq_len >= 2")
-    need(t.seq_len <= m.max_position_embeddings, f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
+    if o.name != "adamw":
+        # the random projection compresses each gradient's smaller side to `rank`: it must be smaller
+        small = min(min(a, b) for a, b in _matrix_shapes(m))
+        need(o.rank <= small, f"optim.rank {o.rank} is larger than the smallest side of a projection matrix "
+                              f"({small}): use optim.rank <= {small} (APOLLO-Mini: 1, APOLLO: hidden/4 = "
+                              f"{max(1, m.hidden_size // 4)})")
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size}): it counts the sequences of a "
+                            f"micro-batch; use train.grad_accum_steps for larger optimizer batches")
+    need(t.seq_len >= 2, f"train.seq_len must be >= 2 (got {t.seq_len}): a sequence needs a token to predict")
+    need(t.seq_len <= m.max_position_embeddings,
+         f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}: lower "
+         f"train.seq_len or raise model.max_position_embeddings (for a new run)")
     need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
     need(t.accum_mode in ("exact", "lagged"), f"train.accum_mode must be exact or lagged, got '{t.accum_mode}'")
     need(t.accum_mode == "exact" or o.name != "adamw",
@@ -299,6 +329,43 @@ def validate(cfg: Config) -> None:
     need(t.spike_window >= 8, "train.spike_window must be >= 8")
     need(t.max_skips_in_row >= 1, "train.max_skips_in_row must be >= 1")
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
+    _validate_run(cfg, need)
+
+
+def _validate_shape(m: ModelConfig, need) -> None:
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "max_position_embeddings"):
+        need(getattr(m, k) >= 1, f"model.{k} must be >= 1 (got {getattr(m, k)})")
+    h, n, kv = m.hidden_size, m.num_attention_heads, m.num_key_value_heads
+    fits = [d for d in range(1, h + 1) if h % d == 0]
+    near = sorted(fits, key=lambda d: (abs(d - n), d))[:2]
+    need(h % n == 0, f"model.hidden_size {h} is not divisible by model.num_attention_heads {n}: each head gets "
+                     f"hidden_size / heads channels; use e.g. model.num_attention_heads={' or '.join(map(str, sorted(near)))}")
+    need(kv is None or (kv >= 1 and n % kv == 0),
+         f"model.num_attention_heads {n} is not a multiple of model.num_key_value_heads {kv}: grouped-query "
+         f"attention shares each key/value head among an equal group: use a divisor of {n}, or null for {n}")
+
+
+def _matrix_shapes(m: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of one decoder layer's seven projections."""
+    h, i = m.hidden_size, m.intermediate_size
+    kv = (m.num_key_value_heads or m.num_attention_heads) * (h // m.num_attention_heads)
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def _validate_run(cfg: Config, need) -> None:
+    """Logging, saving, eval and device settings."""
+    t, e = cfg.train, cfg.eval
+    need(t.log_every >= 1, f"train.log_every must be >= 1 (got {t.log_every})")
+    need(t.save_every >= 0, f"train.save_every must be >= 0 (got {t.save_every}; 0: save only at the end)")
+    need(t.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (got {t.keep_checkpoints}; 0 keeps all)")
+    need(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
+         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    need(e.every >= 0, f"eval.every must be >= 0 (got {e.every}; 0: never)")
+    need(e.tokens >= 1 and e.batch_size >= 1, f"eval.tokens and eval.batch_size must be >= 1 (got {e.tokens}, "
+                                              f"{e.batch_size})")
+    need(cfg.data.max_tokens is None or cfg.data.max_tokens >= 1,
+         f"data.max_tokens must be >= 1 or null (got {cfg.data.max_tokens})")
 
 
 # Keys whose change makes a checkpoint incompatible (model shape, optimizer kind); everything else

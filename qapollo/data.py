@@ -11,7 +11,7 @@ Sources (data config):
 
 Documents: a .txt file gives one document per blank-line-separated paragraph (one paragraph is the
 unit every text file has; the packing below keeps neighbouring paragraphs together anyway); a jsonl
-line, parquet row or dataset row gives one document.
+line, parquet row or dataset row gives one document (local files are read by textfiles.py).
 
 Token stream: each document is `<s> tokens </s>`, as LLaMA was trained and as the exported HF
 tokenizer (add_bos_token) encodes prompts, so EOS always sits between two documents. The stream is
@@ -27,22 +27,19 @@ shuffled. A source without a validation split holds out the last eval_tokens (wh
 train stream instead.
 """
 
-import bz2
 import glob
-import gzip
 import hashlib
-import io
 import json
 import logging
-import lzma
 import os
 import shutil
 import time
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
+from qapollo.textfiles import DataError, iter_file_documents, resolve_paths
 from qapollo.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,10 +50,6 @@ VAL_CAP = 1 << 20  # validation tokens cached (or eval_tokens if larger): enough
 ENCODE_BATCH = 512  # documents per encode_batch call
 
 
-class DataError(ValueError):
-    """Bad data config or input: the message says what is wrong and how to fix it."""
-
-
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
     """The tokenizer and the model must agree on the vocabulary: an id >= model.vocab_size would index past
     the embedding table, and a larger model vocabulary trains rows no token can ever reach."""
@@ -65,113 +58,6 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
             f"tokenizer {tokenizer.name_or_path!r} has vocab_size {tokenizer.vocab_size} but model.vocab_size is "
             f"{model_vocab_size}: set model.vocab_size={tokenizer.vocab_size} or use a tokenizer with "
             f"{model_vocab_size} tokens")
-
-
-# ---------------------------------------------------------------------------------------------------
-# reading local files
-
-
-def resolve_paths(path) -> list[str]:
-    """Comma-separated string or list of files/globs -> sorted, existing files."""
-    specs = [s.strip() for s in path.split(",")] if isinstance(path, str) else [str(s) for s in path]
-    out = []
-    for spec in filter(None, specs):
-        spec = os.path.expanduser(spec)
-        hits = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec] if os.path.exists(spec) else []
-        files = [h for h in hits if os.path.isfile(h)]
-        for h in hits:  # a folder means every file in it
-            if os.path.isdir(h):
-                files += sorted(f for f in glob.glob(os.path.join(h, "**", "*"), recursive=True) if os.path.isfile(f))
-        if not files:
-            raise DataError(f"data.path {spec!r} matches no file: check the path or glob (relative to {os.getcwd()})")
-        out += files
-    if not out:
-        raise DataError("data.path is empty: give files such as data.path=corpus/*.txt")
-    return out
-
-
-def _open_text(path: str) -> io.TextIOBase:
-    opener = open
-    for ext, fn in ((".gz", gzip.open), (".xz", lzma.open), (".bz2", bz2.open)):
-        if path.endswith(ext):
-            opener = fn
-    # strict UTF-8 so that binary input fails loudly instead of training on garbage
-    return opener(path, "rt", encoding="utf-8-sig", errors="strict", newline=None)
-
-
-def _kind(path: str) -> str:
-    base = path
-    for ext in (".gz", ".xz", ".bz2"):
-        base = base[: -len(ext)] if base.endswith(ext) else base
-    if base.endswith(".parquet"):
-        return "parquet"
-    return "jsonl" if base.endswith((".jsonl", ".json", ".ndjson")) else "txt"
-
-
-def _txt_documents(path: str) -> Iterator[str]:
-    """One document per paragraph (blank-line separated), read line by line so big files stream."""
-    para = []
-    with _open_text(path) as f:
-        for line in f:
-            if "\x00" in line:
-                raise DataError(f"{path} contains NUL bytes: it looks like a binary file, not text; remove it from data.path")
-            if line.strip():
-                para.append(line)
-            elif para:
-                yield "".join(para).strip("\n")
-                para = []
-    if para:
-        yield "".join(para).strip("\n")
-
-
-def _jsonl_documents(path: str, field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not a JSON line ({e.msg}); .jsonl files need one JSON object per line") from None
-            if not isinstance(row, dict) or field not in row:
-                keys = list(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{i}: no {field!r} field (found {keys}); set data.text_field")
-            yield row[field]
-
-
-def _parquet_documents(path: str, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a non-parquet file
-        raise DataError(f"{path} is not a readable parquet file ({e})") from None
-    if field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no {field!r} column (found {pf.schema_arrow.names}); set data.text_field")
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        yield from batch.column(0).to_pylist()
-
-
-def _file_documents(path: str, field: str = "text") -> Iterator[str]:
-    kind = _kind(path)
-    docs = _txt_documents(path) if kind == "txt" else _jsonl_documents(path, field) if kind == "jsonl" else _parquet_documents(path, field)
-    n = 0
-    try:
-        for doc in docs:
-            if doc and doc.strip():
-                n += 1
-                yield doc
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); is it a binary file? Convert it to UTF-8 or remove it") from None
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise DataError(f"{path} cannot be read ({e}); check that the file and its compression are intact") from None
-    if n == 0:
-        raise DataError(f"{path} has no text (empty file or only blank lines/empty {field!r} values); remove it from data.path")
-
-
-def iter_file_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
-    for p in paths:
-        yield from _file_documents(p, text_field)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,6 +295,16 @@ class Data:
         self.tokenizer, self.train, self.info = tokenizer, train, info
         self._val, self.seq_len, self.eval_tokens = val_tokens, seq_len, eval_tokens
 
+    def check_eval_tokens(self) -> None:
+        """eval.tokens must fit the held-out tokens: a smaller eval would be reported under a budget it never had."""
+        need = -(-self.eval_tokens // self.seq_len) * self.seq_len  # whole blocks
+        if need > len(self._val):
+            fit = len(self._val) // self.seq_len * self.seq_len
+            raise DataError(f"eval.tokens={self.eval_tokens} needs {need} held-out tokens but the held-out data "
+                            f"({self.info['validation']}) has {len(self._val)}: set "
+                            f"eval.tokens={fit} or less (whole blocks of train.seq_len {self.seq_len}), or add "
+                            f"validation data")
+
     def val_batches(self, batch_size: int) -> list[torch.Tensor]:
         """The first ceil(eval_tokens / seq_len) validation blocks, in order: the same every call."""
         n = min(-(-self.eval_tokens // self.seq_len), len(self._val) // self.seq_len)
@@ -416,11 +312,15 @@ class Data:
         return list(blocks.split(batch_size))
 
 
-def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536) -> Data:
-    """Tokenize (or find in the cache) the configured source and return loaders over it."""
+def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536,
+               tokenizer: Tokenizer | None = None) -> Data:
+    """Tokenize (or find in the cache) the configured source and return loaders over it.
+
+    `tokenizer`: one already loaded from cfg.tokenizer (the trainer checks it before anything is tokenized).
+    """
     if seq_len < 1 or batch_size < 1:
         raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
-    tok = load_tokenizer(getattr(cfg, "tokenizer", None))
+    tok = tokenizer or load_tokenizer(getattr(cfg, "tokenizer", None))
     src = _Source(cfg)
     max_tokens = getattr(cfg, "max_tokens", None)
     if src.streaming and not max_tokens:
@@ -448,7 +348,7 @@ def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: i
         n_hold = -(-int(eval_tokens) // seq_len) * seq_len
         if n_hold >= len(train):
             raise DataError(f"{src.desc} has {len(train)} tokens, too few to hold out eval.tokens={eval_tokens} for "
-                            "validation; add data or lower eval.tokens")
+                            f"validation; add data or lower eval.tokens well below {len(train)}")
         train, val = train[: len(train) - n_hold], train[len(train) - n_hold :]
         held_out = f"last {n_hold} train tokens"
     loader = BlockLoader(train, seq_len, batch_size, seed, key)

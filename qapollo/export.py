@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 
 import torch
@@ -46,7 +45,8 @@ def find_checkpoint(spec: str) -> str:
         raise CheckpointError(f"{spec}: no such checkpoint or run directory")
     found = [spec] if ck.is_checkpoint_dir(spec) else ck.candidates(spec)
     if not found:
-        raise CheckpointError(f"{spec}: holds no checkpoint-<step> folder")
+        raise CheckpointError(f"{spec}: holds no checkpoint-<step> folder; give checkpoints/<run> or "
+                              f"checkpoints/<run>/checkpoint-<step>")
     for i, path in enumerate(found):
         try:
             ck.check_files(path, ck.read_state(path))
@@ -185,11 +185,7 @@ def export_main(argv: list[str]) -> int:
     ap.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     ap.add_argument("--max-shard-size", default="5GB", help="shard above this size (default %(default)s)")
     args = ap.parse_args(argv)
-    try:
-        r = export(args.checkpoint, args.out, args.force, parse_size(args.max_shard_size))
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = export(args.checkpoint, args.out, args.force, parse_size(args.max_shard_size))  # errors: cli.py
     print(f"exported {r['checkpoint']} -> {r['out']}: {len(r['files'])} shard(s), {r['bytes'] / 2**20:.1f} MiB bf16, "
           f"{r['seconds']:.1f}s")
     return 0

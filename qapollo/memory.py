@@ -296,7 +296,11 @@ def plan_main(argv: list[str]) -> int:
     from .hf_import import plan_shape
     plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
     plan = predict_peak(cfg, args.device)
-    budget = parse_bytes(args.budget) if args.budget else None
+    try:
+        budget = parse_bytes(args.budget) if args.budget else None
+    except ValueError as e:
+        from .config import ConfigError
+        raise ConfigError(f"--budget: {e}") from None
     if args.json:
         import json
         print(json.dumps(plan))

@@ -15,6 +15,15 @@ def peak_rss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def rss_bytes() -> int | None:
+    """Current resident set size (Linux /proc/self/statm: resident pages); None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_mem_bytes(device: torch.device) -> int:
     """CUDA: max_memory_allocated (what the planner predicts); CPU: peak RSS of the process."""
     if device.type == "cuda":

@@ -6,12 +6,14 @@ implementation, fast in batch, and transformers 5.x's conversion differs from it
 A folder with `tokenizer.json` (any HF tokenizer) goes through `AutoTokenizer`.
 """
 
+import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
+
+from qapollo.textfiles import DataError, iter_file_documents, resolve_paths
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ class Tokenizer:
     def save(self, out_dir: str) -> None:
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides the token ids: equal for a tokenizer and its saved copy, else different."""
+        raise NotImplementedError
+
     def __repr__(self):
         return f"{type(self).__name__}({self.name_or_path!r}, vocab_size={self.vocab_size})"
 
@@ -60,6 +66,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
+
+    def fingerprint(self):
+        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
 
     def save(self, out_dir):
         os.makedirs(out_dir, exist_ok=True)
@@ -94,6 +103,11 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids])
 
+    def fingerprint(self):
+        # the vocabulary and the special ids: stable across save_pretrained/from_pretrained round trips
+        ids = json.dumps([sorted(self.tok.get_vocab().items()), self.bos_id, self.eos_id])
+        return hashlib.sha256(ids.encode()).hexdigest()
+
     def save(self, out_dir):
         self.tok.save_pretrained(out_dir)
 
@@ -109,15 +123,26 @@ def load_tokenizer(spec: str | None = None) -> Tokenizer:
     if spec in (None, "", "default"):
         return SentencePieceTokenizer(os.path.join(DEFAULT_DIR, "tokenizer.model"), name_or_path="default")
     spec = os.path.expanduser(str(spec))
-    if os.path.isfile(spec):
-        return SentencePieceTokenizer(spec)
-    if os.path.isdir(spec):
-        if not os.path.exists(os.path.join(spec, "tokenizer.json")) and os.path.exists(os.path.join(spec, "tokenizer.model")):
-            return SentencePieceTokenizer(os.path.join(spec, "tokenizer.model"), name_or_path=spec)
-        return HFTokenizer(spec)
-    if spec.endswith(".model") or spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"tokenizer {spec!r} not found: give a sentencepiece .model file or a tokenizer folder")
-    return HFTokenizer(spec)  # a hub name such as "meta-llama/Llama-2-7b-hf" (needs network or HF cache)
+    try:
+        if os.path.isfile(spec):
+            return SentencePieceTokenizer(spec)
+        if os.path.isdir(spec):
+            has = lambda f: os.path.exists(os.path.join(spec, f))  # noqa: E731
+            if not has("tokenizer.json") and has("tokenizer.model"):
+                return SentencePieceTokenizer(os.path.join(spec, "tokenizer.model"), name_or_path=spec)
+            if not any(has(f) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+                raise DataError(f"tokenizer folder {spec!r} has no tokenizer.model (sentencepiece) and no "
+                                f"tokenizer.json (Hugging Face): copy the tokenizer files into it, or point "
+                                f"data.tokenizer at the .model file")
+            return HFTokenizer(spec)
+        if spec.endswith(".model") or spec.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"tokenizer {spec!r} not found: give a sentencepiece .model file or a tokenizer folder")
+        return HFTokenizer(spec)  # a hub name such as "meta-llama/Llama-2-7b-hf" (needs network or HF cache)
+    except (OSError, ValueError, RuntimeError) as e:  # sentencepiece and transformers raise these for bad files
+        if isinstance(e, (DataError, FileNotFoundError)):
+            raise
+        raise DataError(f"tokenizer {spec!r} cannot be loaded ({str(e).strip().splitlines()[0][:200]}); give a "
+                        f"sentencepiece .model file or a folder with tokenizer.model or tokenizer.json") from None
 
 
 def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2_000_000) -> Tokenizer:
@@ -128,10 +153,8 @@ def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2
     """
     import sentencepiece as spm
 
-    from qapollo import data  # late import: data imports this module
-
-    paths = data.resolve_paths(files)
-    lines = (ln for doc in data.iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
+    paths = resolve_paths(files, what="corpus")
+    lines = (ln for doc in iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     spm.SentencePieceTrainer.train(
@@ -160,12 +183,9 @@ def tokenizer_main(argv: list[str]) -> int:
     tr.add_argument("--vocab", type=int, required=True, help="vocabulary size, e.g. 32000")
     tr.add_argument("out", help="output folder (gets tokenizer.model + tokenizer_config.json)")
     args = ap.parse_args(argv)
-    from qapollo.data import DataError
-
     try:
         tok = train_tokenizer(args.corpus, args.vocab, args.out)
-    except (DataError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RuntimeError as e:  # sentencepiece's trainer, e.g. a vocabulary larger than the corpus allows
+        raise DataError(f"tokenizer training failed: {str(e).strip().splitlines()[0]}") from None
     print(f"wrote {args.out} (vocab {tok.vocab_size}); use it with data.tokenizer={args.out}")
     return 0

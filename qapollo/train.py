@@ -14,12 +14,16 @@ from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
 from .hf_import import load_weights, resolve_init_from
-from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard
+from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard, rss_bytes
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class StepFailed(TrainError):
+    """A step ran out of memory part-way through: nothing of it was saved (failures.py words it)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -39,23 +43,34 @@ class Trainer:
         self.stop_requested = False
         self.tokens_seen = 0
         self.last_eval = None
+        self.plan = None
+        # the step under way, from its first batch until its update is complete: while set, the in-memory
+        # state may be half-updated (in-backward updates) and every save refuses it (checkpoint.save)
+        self.dirty_step: int | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         from . import checkpoint
         from .data import build_data, check_vocab
+        from .tokenizer import load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
         if t.tensorboard:
             require_tensorboard()  # fail before anything is built
         init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
         self._plan_memory()
-        # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
+        # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape,
+        # an output folder that cannot be written or lacks room for one checkpoint, another tokenizer
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
+        checkpoint.check_output_dir(self.run_dir, self.plan)
+        tok = load_tokenizer(cfg.data.tokenizer)
+        check_vocab(tok, cfg.model.vocab_size)
+        checkpoint.check_tokenizer(resume_from, tok)
         torch.manual_seed(t.seed)
         self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
-                               eval_tokens=cfg.eval.tokens)
-        check_vocab(self.data.tokenizer, cfg.model.vocab_size)
+                               eval_tokens=cfg.eval.tokens, tokenizer=tok)
+        if cfg.eval.every > 0:
+            self.data.check_eval_tokens()
         self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
         if init_from is not None:
             load_weights(self.model, init_from, progress=self.progress)
@@ -72,7 +87,7 @@ class Trainer:
     def _plan_memory(self) -> None:
         """Print the planner's peak; refuse a CUDA run predicted not to fit the device (memory.py)."""
         from .memory import advice, fmt, one_line, predict_peak, tune_cpu_allocator
-        plan = predict_peak(self.cfg, self.device.type)
+        self.plan = plan = predict_peak(self.cfg, self.device.type)
         tqdm.write(one_line(plan, str(self.device)))
         if self.device.type == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
@@ -121,12 +136,8 @@ class Trainer:
         where = f"micro-batch {micro + 1}/{t.grad_accum_steps} of " if t.grad_accum_steps > 1 else ""
         tqdm.write(f"qapollo: skipped {where}step {self.opt.step_count + 1}: {reason}")
         if self.guard.skip():
-            last = getattr(self, "checkpoint_path", None)
-            raise TrainError(
-                f"{self.guard.in_row} micro-batches in a row skipped by the spike guard (last: {reason}) at step "
-                f"{self.opt.step_count + 1}: the run has diverged. Nothing was saved; "
-                + (f"resume from {last}" if last else "no checkpoint exists yet: start again")
-                + " with a lower optim.lr or a longer optim.warmup_steps")
+            raise TrainError(f"{self.guard.in_row} micro-batches in a row skipped by the spike guard (last: {reason}): "
+                             f"the run has diverged; lower optim.lr or lengthen optim.warmup_steps")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -139,6 +150,20 @@ class Trainer:
         loss = sum(losses) / max(1, len(losses))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
+    def _guarded_step(self) -> float | None:
+        """train_step with the state marked dirty until it completes: a half-applied step is never saved."""
+        self.dirty_step = self.opt.step_count + 1
+        try:
+            loss = self.train_step()
+        except BaseException as e:  # any exception between the first batch and the end of the update
+            from .failures import on_step_failure
+            err = on_step_failure(self, e)  # says what happened and where a resume continues
+            if err is e:
+                raise
+            raise err from e
+        self.dirty_step = None
+        return loss
+
     # ---- the loop ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -150,8 +175,10 @@ class Trainer:
                 pass
 
     def fit(self) -> dict:
+        from . import testhook
         t = self.cfg.train
         self._install_signal_handlers()
+        testhook.install(self)  # test-only crash points; a no-op unless QAPOLLO_TEST_HOOK is set
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n = count_params(self.model)
@@ -169,7 +196,7 @@ class Trainer:
         record = {}
         while self.opt.step_count < t.max_steps and not self.stop_requested:
             lr = self.opt.current_lr()
-            step_loss = self.train_step()
+            step_loss = self._guarded_step()
             if step_loss is None:  # every micro-batch skipped: nothing changed, draw the next ones
                 continue
             loss = step_loss
@@ -181,7 +208,7 @@ class Trainer:
                 t_last, tok_last = now, self.tokens_seen
                 record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
                           "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device),
-                          "skips": self.guard.skips}
+                          "rss_bytes": rss_bytes(), "skips": self.guard.skips}
                 if self._eval_due(step):
                     record.update(self.evaluate())
                     self.last_eval = record
@@ -204,7 +231,7 @@ class Trainer:
         return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
 
     def save(self) -> None:
-        """Write a checkpoint of the current step (checkpoint.py)."""
+        """Write a checkpoint of the current step (checkpoint/saving.py; refused while dirty_step is set)."""
         from . import checkpoint
         checkpoint.save(self)
 

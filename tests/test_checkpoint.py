@@ -109,7 +109,7 @@ def test_resume_is_bit_exact(corpus, tmp_path, variant):
 
 
 def test_resume_in_place_rotation_and_fresh_run_guard(corpus, tmp_path):
-    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=4, train__save_every=1, train__save_total_limit=2)
+    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=4, train__save_every=1, train__keep_checkpoints=2)
     run(cfg)
     run_dir = os.path.join(tmp_path, "r")
     assert [s for s, _ in ck.list_checkpoints(run_dir)] == [4, 3]  # rotation keeps the last 2
@@ -121,7 +121,7 @@ def test_resume_in_place_rotation_and_fresh_run_guard(corpus, tmp_path):
         run(make_cfg(corpus, tmp_path, "r", train__max_steps=4))
     assert [s for s, _ in ck.list_checkpoints(run_dir)] == [4, 3]
     # resuming step 3 drops the metrics lines after it, then re-logs step 4 identically
-    tr = run(make_cfg(corpus, tmp_path, "r", train__max_steps=4, train__save_total_limit=2),
+    tr = run(make_cfg(corpus, tmp_path, "r", train__max_steps=4, train__keep_checkpoints=2),
              resume=os.path.join(run_dir, "checkpoint-3"))
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -155,7 +155,7 @@ def test_incompatible_config_is_refused(corpus, tmp_path, key, value):
 def saved_run(corpus, tmp_path_factory):
     """A run with checkpoint-2 and checkpoint-4 (`latest`), copied per test and then broken."""
     out = tmp_path_factory.mktemp("saved")
-    run(make_cfg(corpus, out, "r", train__max_steps=4, train__save_every=2, train__save_total_limit=0))
+    run(make_cfg(corpus, out, "r", train__max_steps=4, train__save_every=2, train__keep_checkpoints=0))
     return os.path.join(out, "r")
 
 
@@ -220,7 +220,7 @@ def test_broken_checkpoint_is_named_and_auto_falls_back(corpus, saved_run, tmp_p
     shutil.copytree(saved_run, run_dir)
     breaker, pattern = BREAKERS[kind]
     breaker(os.path.join(run_dir, "checkpoint-4"))
-    cfg = make_cfg(corpus, out, "r", train__max_steps=4, train__save_total_limit=0)
+    cfg = make_cfg(corpus, out, "r", train__max_steps=4, train__keep_checkpoints=0)
     cfg.resume = os.path.join(run_dir, "checkpoint-4")
     with pytest.raises(CheckpointError) as e:
         Trainer(cfg, progress=False).setup()
@@ -228,7 +228,7 @@ def test_broken_checkpoint_is_named_and_auto_falls_back(corpus, saved_run, tmp_p
     assert "checkpoint-4" in str(e.value)
     # auto: warns, falls back to checkpoint-2 and replaces the broken checkpoint-4 when it gets there
     capsys.readouterr()
-    tr = run(make_cfg(corpus, out, "r", train__max_steps=4, train__save_total_limit=0), resume="auto")
+    tr = run(make_cfg(corpus, out, "r", train__max_steps=4, train__keep_checkpoints=0), resume="auto")
     err = capsys.readouterr().err
     assert "falling back to" in err and "checkpoint-2" in err and re.search(pattern, err)
     assert tr.opt.step_count == 4
@@ -238,7 +238,7 @@ def test_broken_checkpoint_is_named_and_auto_falls_back(corpus, saved_run, tmp_p
 def test_failed_save_keeps_previous_checkpoint(corpus, saved_run, tmp_path, monkeypatch):
     run_dir = os.path.join(tmp_path, "r")
     shutil.copytree(saved_run, run_dir)
-    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=5, train__save_total_limit=1)
+    cfg = make_cfg(corpus, tmp_path, "r", train__max_steps=5, train__keep_checkpoints=1)
     cfg.resume = "auto"
     tr = Trainer(cfg, progress=False)
     tr.setup()
@@ -249,8 +249,9 @@ def test_failed_save_keeps_previous_checkpoint(corpus, saved_run, tmp_path, monk
         if path.endswith("optimizer.safetensors"):
             raise OSError(28, "No space left on device")
         return real(path, items, meta)
-    monkeypatch.setattr(ck, "write_safetensors", failing)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(ck.saving, "write_safetensors", failing)
+    with pytest.raises(ck.DiskSpaceError, match=r"disk filled up while writing checkpoint-5 .*No space left on "
+                                                 r"device.*continues from .*checkpoint-4"):
         tr.save()
     assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "checkpoint-4", "latest", "metrics.jsonl"]
     assert open(os.path.join(run_dir, "latest")).read().strip() == "checkpoint-4"
@@ -264,7 +265,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(corpus, tmp_path):
                       "vocab_size": 512, "max_position_embeddings": 64},
             "optim": {"warmup_steps": 2, "min_lr_ratio": 1.0, "float_optim": "adamw", "update_proj_gap": 2},
             "train": {"batch_size": 2, "seq_len": 16, "log_every": 1, "output_dir": str(tmp_path / "out"),
-                      "run_name": "sig", "save_total_limit": 0},
+                      "run_name": "sig", "keep_checkpoints": 0},
             "data": {"path": corpus["data.path"], "tokenizer": corpus["data.tokenizer"],
                      "cache_dir": corpus["data.cache_dir"]},
             "eval": {"tokens": 256}}
@@ -318,11 +319,11 @@ def test_model_load_in_batches_is_exact(tmp_path):
     dst = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16, bias=False), torch.nn.LayerNorm(16))
     opened = []
     real_open = ck.open_safetensors
-    ck.open_safetensors = lambda p: opened.append(p) or real_open(p)
+    ck.loading.open_safetensors = lambda p: opened.append(p) or real_open(p)
     try:
         ck.load_model_tensors(dst, path, batch_bytes=1024)  # 8 KiB, 128 B + 2 KiB, 64 B + 64 B
     finally:
-        ck.open_safetensors = real_open
+        ck.loading.open_safetensors = real_open
     assert len(opened) == 3
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k

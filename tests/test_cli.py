@@ -53,3 +53,11 @@ def test_bad_input_is_one_clear_line(tmp_path, args, needle):
     assert len(err) == 1 and needle in err[0], r.stderr[-1500:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "llama_20m" / "metrics.jsonl").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run(["--config", os.path.join(ROOT, "configs", "llama_20m.yaml"), "optim.lrr=0.1", "--debug"], tmp_path,
+            timeout=300)
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and "ConfigError: unknown config key 'optim.lrr'" in r.stderr
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

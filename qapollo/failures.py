@@ -1,0 +1,86 @@
+"""What a run says when a training step fails part-way through, and why nothing is saved then.
+
+With in-backward updates an exception inside backward (out of memory, a non-finite gradient, a bug)
+leaves some tensors updated and others not; the data cursor has moved and the step counter has not.
+The trainer marks that state dirty (Trainer.dirty_step) and every save refuses it, so the run stops
+with the newest checkpoint on disk as the place to continue from. This module words that stop.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import torch
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PRESET_8GB = os.path.join(CONFIG_DIR, "llama_7b_8gb.yaml")
+_OOM_TYPES = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError naming the failed allocation
+    return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def on_step_failure(trainer, e: BaseException) -> BaseException:
+    """The exception that ends a run whose step raised `e` (returned `e` itself: re-raise it unchanged).
+
+    Out of memory becomes a one-line StepFailed. The trainer's own errors (TrainError, UpdateCheckError, e.g.
+    a non-finite loss or gradient) keep their type, so callers can still catch them, with the resume point
+    added to their message. Anything else is a bug: the same first part is printed, then its traceback.
+    """
+    from .layerwise import UpdateCheckError
+    from .train import StepFailed, TrainError
+    what, tail = _what(e), ""
+    if is_out_of_memory(e):
+        tail = "; " + oom_advice(trainer)
+    msg = (f"step {trainer.dirty_step} did not complete ({what}); the weights and optimizer states in memory may "
+           f"be partly updated, so nothing was saved; {_resume_note(trainer)}{tail}")
+    if is_out_of_memory(e):
+        return StepFailed(msg)
+    if isinstance(e, (TrainError, UpdateCheckError)):
+        e.args = (msg,)
+        return e if str(e) == msg else StepFailed(msg)  # a class with its own __str__: wrap it instead
+    print(f"qapollo: {msg}; the traceback follows", file=sys.stderr, flush=True)
+    return e
+
+
+def _what(e: BaseException) -> str:
+    if is_out_of_memory(e):
+        m = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(e))
+        return "out of memory" + (f" (tried to allocate {m.group(1)})" if m else "")
+    from .layerwise import UpdateCheckError
+    from .train import TrainError
+    if isinstance(e, (TrainError, UpdateCheckError)):
+        return str(e)
+    lines = str(e).strip().splitlines()
+    return type(e).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def _resume_note(trainer) -> str:
+    from .checkpoint import resume_target
+    target = resume_target(trainer.run_dir)
+    return (f"--resume auto will continue from {target}" if target
+            else "no checkpoint of this run exists yet, so a rerun starts from step 0")
+
+
+def oom_advice(trainer) -> str:
+    """The planner's prediction for this config and what to change to fit."""
+    from .memory import fmt, predict_peak
+    cfg, dev = trainer.cfg, trainer.device
+    plan = getattr(trainer, "plan", None) or predict_peak(cfg, dev.type)
+    said = f"the memory plan predicted a {fmt(plan['peak_bytes'])} peak ({plan['phase']} phase)"
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        said += f" + {fmt(plan['context_bytes'])} CUDA context on a {fmt(total)} device"
+    else:
+        said += f", ≈ {fmt(plan['rss_bytes'])} peak RSS"
+    t = cfg.train
+    tips = [f"lower train.batch_size (now {t.batch_size}) or train.seq_len (now {t.seq_len})"]
+    if not cfg.model.activation_checkpointing:
+        tips.append("set model.activation_checkpointing=true")
+    if os.path.exists(PRESET_8GB):
+        tips.append(f"start from the 8 GB preset configs/{os.path.basename(PRESET_8GB)}")
+    ask = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + ", or " + tips[-1]
+    return f"{said}; to fit: {ask} (see `qapollo plan`)"

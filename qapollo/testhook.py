@@ -1,0 +1,55 @@
+"""TEST-ONLY crash injection: `QAPOLLO_TEST_HOOK=<point>@<step>` SIGKILLs this process at that point.
+
+Never set it outside tests. tests/test_reliability.py uses it to land a `kill -9` exactly where a crash is
+most dangerous and checks that every checkpoint under its final name still loads and that
+`--resume auto` continues from the newest complete one. The points:
+
+    step          between two micro-batches of step <step> (gradients accumulated, nothing updated)
+    backward      inside step <step>'s backward, after half of the tensors were updated in-backward
+    save:model    checkpoint-<step>: model.safetensors written, optimizer.safetensors not yet
+    save:latest   checkpoint-<step> complete in its temp folder and named in `latest`, not yet renamed
+    save:rotate   checkpoint-<step> renamed into place, older checkpoints not yet rotated away
+
+The variable is read here, once, at import; with it unset every call below is a no-op.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+SPEC = os.environ.get("QAPOLLO_TEST_HOOK", "")
+
+
+def hit(point: str, step: int) -> None:
+    """SIGKILL the process if the hook names this point and step (no cleanup runs, as with kill -9)."""
+    if SPEC and SPEC == f"{point}@{step}":
+        print(f"qapollo test hook: SIGKILL at {SPEC}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(trainer) -> None:
+    """Wrap the optimizer's bookkeeping so that the `step` and `backward` points fire (only when set)."""
+    if not SPEC.startswith(("step@", "backward@")):
+        return
+    opt = trainer.opt
+    begin, calls = opt.begin_step, {}
+
+    def begin_step(*args, **kwargs):
+        step = opt.step_count + 1
+        calls[step] = calls.get(step, 0) + 1
+        if calls[step] == 2:  # the second micro-batch starts: the first one's backward is done
+            hit("step", step)
+        return begin(*args, **kwargs)
+    opt.begin_step = begin_step
+
+    half, done = len(opt.updaters) // 2, {}
+    for upd in opt.updaters.values():
+        def step_fn(*args, _step=upd.step, **kwargs):
+            out = _step(*args, **kwargs)
+            step = opt.step_count + 1
+            done[step] = done.get(step, 0) + 1
+            if done[step] == half:
+                hit("backward", step)
+            return out
+        upd.step = step_fn
