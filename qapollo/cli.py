@@ -16,7 +16,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .layerwise import UpdateCheckError
     from .train import TrainError
-    errs = [ConfigError, UpdateCheckError, TrainError, FileNotFoundError]
+    from .fused import FusedUnavailable
+    errs = [ConfigError, UpdateCheckError, TrainError, FusedUnavailable, FileNotFoundError]
     try:
         from .data import DataError
         errs.append(DataError)

@@ -37,6 +37,9 @@ class ModelConfig:
     group_size: int = 128
     stochastic_round: bool = True
     activation_checkpointing: bool = False
+    # int8 dequantize/update as torch.compile'd whole-matrix kernels (qapollo/fused.py) or the eager
+    # row-chunk reference: auto = compiled on CUDA (when Triton is installed), eager on CPU
+    fused_update: bool | str = "auto"
     # dtype of float params (embeddings, norms, lm_head) and of compute: auto = bf16 on CUDA, fp32 on CPU
     dtype: str = "auto"
 
@@ -252,6 +255,7 @@ def validate(cfg: Config) -> None:
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size must be divisible by model.num_attention_heads")
+    need(m.fused_update in (True, False, "auto"), f"model.fused_update must be auto, true or false, got '{m.fused_update}'")
     need(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype must be auto/float32/bfloat16/float16, got '{m.dtype}'")
     if m.weight_quant:
         kv = (m.num_key_value_heads or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)

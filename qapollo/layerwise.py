@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from . import quant
+from . import fused, quant
 from .model import Int8Linear, int8_modules, matrix_names, tensor_seed
 from .optim import apollo
 
@@ -49,6 +49,8 @@ class ApolloUpdater:
         shape = target.shape if isinstance(target, Int8Linear) else tuple(target.shape)
         device = target.weight_codes.device if isinstance(target, Int8Linear) else target.device
         self.state = apollo.init_state(tuple(shape), ocfg.rank, tensor_seed(seed, "proj:" + name), device)
+        # the compiled whole-matrix kernel or the eager row-chunk reference (model.fused_update)
+        self._update_int8 = fused.update_quantized_ if getattr(target, "fused", False) else quant.update_quantized_
 
     def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
         o = self.o
@@ -56,32 +58,26 @@ class ApolloUpdater:
                                      update_proj_gap=o.update_proj_gap, beta1=o.beta1, beta2=o.beta2,
                                      eps=o.eps, norm_growth_limit=o.norm_growth_limit,
                                      limiter_decay=o.limiter_decay)
-        alpha = math.sqrt(o.scale)
-        wd = o.weight_decay
-
-        def delta(rows: slice, w: torch.Tensor) -> torch.Tensor:
-            cr = c[rows] if c.dim() and c.shape[0] > 1 else c
-            d = grad[rows].float().mul_(cr).mul_(-lr * alpha)
-            if wd:
-                # decoupled weight decay on the updated weight, as in the reference
-                d.add_(w + d, alpha=-lr * wd)
-            return d
-
+        # W ← (W + coef⊙G)·decay with coef = -lr·√scale·c and decay = 1 - lr·wd (decoupled weight decay on
+        # the updated weight, as in the reference). Both stay on the device: no host sync, and the compiled
+        # kernel takes them as tensors (a Python float would recompile it every step).
+        coef = c * (-lr * math.sqrt(o.scale))  # c is fp32 (fp64 for fp64 gradients)
+        decay = torch.full((), 1.0 - lr * o.weight_decay, device=grad.device) if o.weight_decay else None
         if isinstance(self.target, Int8Linear):
             t = self.target
-            gen = None
-            if self.stochastic:
-                # Rounding noise is a function of (seed, tensor, step): reproducible, order-independent,
-                # and nothing to save for resume.
-                gen = torch.Generator(device=t.weight_codes.device)
-                gen.manual_seed(tensor_seed(self.sr_seed, str(self.state["step"])))
-            return quant.update_quantized_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, delta,
-                                           self.stochastic, gen, count_changes)
+            # Rounding noise is a function of (seed, tensor, step, element): reproducible, order- and
+            # device-independent, nothing to save for resume (quant.sr_noise).
+            key = tensor_seed(self.sr_seed, str(self.state["step"]))
+            return self._update_int8(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad,
+                                     coef.float(), decay, stochastic=self.stochastic, seed=key,
+                                     count_changes=count_changes)
         p = self.target
         before = p.detach().clone() if count_changes else None
         with torch.no_grad():
-            new = p.float()
-            new += delta(slice(None), new)
+            new = p.to(coef.dtype)  # p itself when it is fp32: updated in place
+            new += grad.to(coef.dtype) * coef
+            if decay is not None:
+                new *= decay
             p.copy_(new)
         return int((p != before).sum()) if count_changes else 0
 
