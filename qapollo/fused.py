@@ -13,8 +13,9 @@ What keeps them compiled once and equal to the reference:
   tensors: a Python float would be guarded by value and recompile every step.
 - No torch.Generator (it would force an eager RNG fallback): the noise is quant.sr_noise, an integer
   hash of (key, element index), which Inductor fuses into the kernel.
-- Eager-equal numerics: no FMA contraction and IEEE division in Triton (`emulate_precision_casts`,
-  `eager_numerics.division_rounding`); Inductor's C++ backend already compiles with -ffp-contract=off.
+- Eager-equal numerics: no FMA contraction, IEEE division and no flush of denormals in Triton
+  (`emulate_precision_casts`, `eager_numerics.*`); Inductor's C++ backend already compiles with
+  -ffp-contract=off.
 - Called under no_grad only (Int8Linear's forward/backward, the optimizer hooks), so one graph per shape
   serves the forward, the checkpoint recomputation and the backward, on any thread.
 """
@@ -33,8 +34,27 @@ from . import quant
 # default a value with more than 4 inputs or 30 ops is stored, which costs a 4-byte/weight fp32 buffer
 # (180 MB for a 7B MLP matrix) and 8 bytes/weight of extra traffic. With these thresholds the update
 # allocates nothing the size of the matrix (tests/test_fused.py checks the generated code).
-_OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
-            "realize_reads_threshold": 16, "realize_opcount_threshold": 100}
+# Inductor rejects unknown options, and their names move between releases (division rounding:
+# `emulate_divison_rounding` in 2.10, `eager_numerics.division_rounding` from 2.11): only those this
+# torch has are passed.
+_WANTED = {"emulate_precision_casts": True, "emulate_divison_rounding": True,
+           "eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True,
+           "realize_reads_threshold": 16, "realize_opcount_threshold": 100}
+
+
+def _inductor_options() -> dict:
+    from torch._inductor import config
+
+    def has(name: str) -> bool:
+        obj = config
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return {k: v for k, v in _WANTED.items() if has(k)}
+
+
 _RECOMPILE_LIMIT = 64
 
 
@@ -81,8 +101,9 @@ def resolve(setting, device) -> bool:
 @functools.cache
 def _compiled(fn):
     import torch._dynamo.config as dcfg
-    dcfg.recompile_limit = max(dcfg.recompile_limit, _RECOMPILE_LIMIT)
-    return torch.compile(fn, dynamic=False, fullgraph=True, options=_OPTIONS)
+    name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"  # renamed in 2.6
+    setattr(dcfg, name, max(getattr(dcfg, name), _RECOMPILE_LIMIT))
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=_inductor_options())
 
 
 def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: int, stochastic: bool) -> None:

@@ -58,11 +58,12 @@ _MIX_B = 0x846CA68B - (1 << 32)
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
     """In place on int64 values in [0, 2^32): a bijective 32-bit hash."""
-    x ^= x >> 16
+    t = torch.empty_like(x)  # one buffer for the shifted copies (eager: fewer allocations)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t))
     x.mul_(_MIX_A).bitwise_and_(_M32)
-    x ^= x >> 15
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t))
     x.mul_(_MIX_B).bitwise_and_(_M32)
-    x ^= x >> 16
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t))
     return x
 
 
@@ -77,17 +78,18 @@ def sr_noise(shape, start, device) -> torch.Tensor:
 
 
 def round_codes(r: torch.Tensor, stochastic: bool, noise_start=0) -> torch.Tensor:
-    """Round real-valued codes: stochastic floor(r + u), u = sr_noise (unbiased: E = r), or to nearest."""
-    if stochastic:  # out of place: an in-place add would make the compiled kernel store r
-        return torch.floor(r + sr_noise(r.shape, noise_start, r.device))
-    return torch.round(r)
+    """In place: round real-valued codes, stochastic floor(r + u), u = sr_noise (unbiased: E = r), or to nearest."""
+    if stochastic:
+        return r.add_(sr_noise(r.shape, noise_start, r.device)).floor_()
+    return r.round_()
 
 
 def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool = False, noise_start=0):
     """Quantize fp32 groups (G, g) → (codes uint8 (G, g), scale (G,), zero uint8 (G,))."""
     scale, zero = compute_scale_zero(wg, scale_dtype)
-    r = wg / scale.float()[:, None] + zero.float()[:, None]
-    codes = round_codes(r, stochastic, noise_start).clamp(0, 255).to(torch.uint8)
+    r = wg / scale.float()[:, None]
+    r += zero.float()[:, None]
+    codes = round_codes(r, stochastic, noise_start).clamp_(0, 255).to(torch.uint8)
     return codes, scale, zero
 
 
