@@ -108,7 +108,7 @@ def _compiled(fn):
 
 def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: int, stochastic: bool) -> None:
     nc, ns, nz = quant.update_groups(codes, scale, zero, grad, coef, decay, start, group_size, stochastic)
-    quant.group_view(codes, group_size).copy_(nc)
+    codes.copy_(nc)
     scale.copy_(ns)
     zero.copy_(nz)
 

@@ -161,15 +161,15 @@ def update_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     codes (r, n) uint8 and the scale/zero of its r·n/g groups; grad (r, n) in any float dtype; coef
     fp32, 0-d (tensor-wise) or (r, 1) / (1, n) (channel-wise); decay None or a 0-d fp32 factor
     (decoupled weight decay on the updated weight); noise_start: sr_noise's start for the block's first
-    element. Returns new (codes (G, g), scale, zero): group layout, which the caller copies into
-    group_view(codes) (a reshape back to (r, n) would make the compiled kernel store r·n floats). Pure torch: the eager reference below and the
+    element. Returns new (codes (r, n), scale, zero). Pure torch: the eager reference below and the
     compiled kernel (fused.py) run this same code, so they do the same fp32 arithmetic.
     """
     w = dequantize_groups(group_view(codes, group_size), scale, zero)
     w += (grad.float() * coef).reshape(w.shape)
     if decay is not None:
         w *= decay
-    return quantize_groups(w, scale.dtype, stochastic, noise_start)
+    nc, ns, nz = quantize_groups(w, scale.dtype, stochastic, noise_start)
+    return nc.reshape(codes.shape), ns, nz
 
 
 def noise_key(seed: int) -> int:
@@ -209,10 +209,9 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
         c = codes[rows]
         new = update_groups(c, scale[gs], zero[gs], grad[rows], _coef_rows(coef, rows), decay,
                             noise_key(seed) + rows.start * n, group_size, stochastic)
-        cg = group_view(c, group_size)
         if count_changes:
-            changed += changes((cg, scale[gs], zero[gs]), new)
-        cg.copy_(new[0])
+            changed += changes((c, scale[gs], zero[gs]), new)
+        c.copy_(new[0])
         scale[gs] = new[1]
         zero[gs] = new[2]
     return int(changed) if count_changes else 0

@@ -111,9 +111,9 @@ def test_update_allocates_no_matrix_sized_buffer():
     assert all(torch.Size(sz).numel() <= c.numel() // 128 for sz in sizes), sizes
 
 
-def train(cfg, fused_on: bool, steps=3, ckpt=False, in_thread=False):
+def train(cfg, fused_on: bool, steps=3, ckpt=False, in_thread=False, device="cpu"):
     cfg.model.fused_update = fused_on
-    model = build_model(cfg.model, "cpu", seed=0)
+    model = build_model(cfg.model, device, seed=0)
     assert all(m.fused == fused_on for _, m in int8_modules(model))
     if ckpt:
         enable_activation_checkpointing(model)
@@ -124,7 +124,7 @@ def train(cfg, fused_on: bool, steps=3, ckpt=False, in_thread=False):
 
     def run():
         for i in range(steps):
-            x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
+            x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g).to(device)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 opt.begin_step(check=i == 0)  # step 1 runs the startup guard (counts the changes)
                 loss = model(input_ids=x, labels=x).loss
@@ -204,3 +204,14 @@ def test_cuda_dequantize_matches_cpu(shape):
     ref = quant.dequantize(c, s, z, 128, torch.bfloat16)
     got = fused.dequantize(c.cuda(), s.cuda(), z.cuda(), 128, torch.bfloat16).cpu()
     assert torch.equal(got, ref)
+
+
+@cuda_fused
+def test_cuda_training_inside_backward_identical():
+    """On the GPU the int8 updates run on autograd's device thread: compiled there, same weights."""
+    cfg = tiny_config(model__hidden_size=64, model__intermediate_size=172, model__num_attention_heads=4)
+    l_ref, s_ref = train(cfg, False, ckpt=True, device="cuda")
+    l_fus, s_fus = train(cfg, True, ckpt=True, device="cuda")
+    assert l_ref == l_fus
+    for k in s_ref:
+        assert torch.equal(s_ref[k], s_fus[k]), k
