@@ -51,7 +51,8 @@ BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
 # Bytes per element of a row chunk of the eager int8 path (quant.py; LiveTensorCounter on CPU): the
 # update's fp32 weight, its fp32 rounding input and the int64 noise counters (29 B), the dequantize's
-# fp32 temporaries (8 B). The compiled path (fused.py) has none of these: whole matrix, no fp32 copy.
+# fp32 temporaries into a bf16 output (8 B). The compiled path (fused.py) has none: whole matrix, no
+# fp32 copy.
 UPDATE_CHUNK_BYTES = 29
 DEQUANT_CHUNK_BYTES = 8
 FLOAT_CHUNK_ELEMS = 1 << 22  # layerwise.TorchAdamUpdater.CHUNK_ELEMS (float tensors' optimizer chunks)
@@ -115,7 +116,8 @@ def _int8_transients(s: int, mn: int, device_type: str, fused: bool) -> tuple[in
         return s * mn, s * mn, mn + (1 + 8) * min(mn, 1 << 22)
     chunk = min(mn, quant.chunk_elems(device_type))
     upcast = 4 * mn if (s != 4 and device_type != "cuda") else 0
-    return s * mn + DEQUANT_CHUNK_BYTES * chunk, s * mn + max(UPDATE_CHUNK_BYTES * chunk, upcast), 0
+    dequant = 8 * mn if s == 4 else s * mn + DEQUANT_CHUNK_BYTES * chunk  # fp32: whole (output + a temporary)
+    return dequant, s * mn + max(UPDATE_CHUNK_BYTES * chunk, upcast), 0
 
 
 def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None) -> dict:

@@ -58,12 +58,11 @@ _MIX_B = 0x846CA68B - (1 << 32)
 
 def _mix32_(x: torch.Tensor) -> torch.Tensor:
     """In place on int64 values in [0, 2^32): a bijective 32-bit hash."""
-    t = torch.empty_like(x)  # one buffer for the shifted copies (eager: fewer allocations)
-    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t))
+    x ^= x >> 16  # `>>` with a Python int: ATen's fast scalar path (bitwise_right_shift(x, 16) is ~5x slower)
     x.mul_(_MIX_A).bitwise_and_(_M32)
-    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t))
+    x ^= x >> 15
     x.mul_(_MIX_B).bitwise_and_(_M32)
-    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t))
+    x ^= x >> 16
     return x
 
 
@@ -73,7 +72,10 @@ def sr_noise(shape, start, device) -> torch.Tensor:
     `start` = key + index of the block's first element (int, or 0-d int64 tensor); only its low 32 bits
     and the element offsets matter, so the key is a per-(tensor, step) 32-bit value."""
     n = math.prod(shape)
-    x = torch.arange(n, dtype=torch.int64, device=device).add_(start).bitwise_and_(_M32)
+    if isinstance(start, int) and 0 <= start and start + n <= 1 << 32:  # eager: no wrap, one pass fewer
+        x = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    else:
+        x = torch.arange(n, dtype=torch.int64, device=device).add_(start).bitwise_and_(_M32)
     return (_mix32_(x) >> 8).to(torch.float32).mul_(2.0 ** -24).reshape(shape)
 
 
@@ -146,7 +148,10 @@ def row_chunks(shape: tuple[int, int], group_size: int, max_elems: int = 1 << 22
 def dequantize_chunked(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                        dtype: torch.dtype, max_elems: int | None = None) -> torch.Tensor:
     """dequantize() into a `dtype` tensor chunk by chunk: the fp32 intermediates of the whole matrix
-    (8 bytes per weight) never exist, only the output (2 bytes per weight in bf16, 4 in fp32)."""
+    (8 bytes per weight) never exist, only the output (2 bytes per weight in bf16). An fp32 output is
+    made whole: chunks would only add a copy (measured slower on the CPU) for 4 of the 8 bytes."""
+    if dtype == torch.float32:
+        return dequantize(codes, scale, zero, group_size)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems or chunk_elems(codes.device)):
         out[rows] = dequantize(codes[rows], scale[gs], zero[gs], group_size, dtype)
@@ -173,8 +178,9 @@ def update_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def noise_key(seed: int) -> int:
-    """The 32 bits of a (tensor, step) seed that sr_noise uses."""
-    return seed & _M32
+    """The 31 bits of a (tensor, step) seed that sr_noise uses as its start (with the element indices
+    of a matrix below 2^31 added, the eager path never wraps)."""
+    return seed & 0x7FFFFFFF
 
 
 def changes(old: tuple, new: tuple) -> torch.Tensor:
