@@ -87,6 +87,8 @@ def instrument(clock: Clock, model, opt) -> None:
     from qapollo.optim import apollo
     opt._run = clock.wrap(opt._run, "optimizer")
     apollo.apollo_multiplier = clock.wrap(apollo.apollo_multiplier, "apollo")
+    if hasattr(apollo, "lagged_multiplier"):  # train.accum_mode=lagged
+        apollo.lagged_multiplier = clock.wrap(apollo.lagged_multiplier, "apollo")
     for u in opt.updaters.values():
         if isinstance(u, ApolloUpdater):
             u._update_int8 = clock.wrap(u._update_int8, "int8_update")

@@ -129,21 +129,17 @@ def versions() -> dict:
 def optimizer_state(opt) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten every updater's state to `<tensor name>.<key>` tensors + a JSON layout.
 
-    APOLLO: step/seed as int64 0-d tensors, moments, limiter norm, projection (if drawn yet). Float
+    APOLLO: step/seed as int64 0-d tensors, moments, limiter norm, projection (if drawn yet), the lagged
+    mode's scale and projected-gradient buffer (optim/apollo.state_tensors). Float
     tensors: the raw per-parameter state of their torch or bitsandbytes optimizer (bnb keeps `step`
     as a Python int: it goes to the layout's `scalars`).
     """
     from .layerwise import ApolloUpdater
+    from .optim import apollo
     tensors, layout = {}, {}
     for name, upd in opt.updaters.items():
         if isinstance(upd, ApolloUpdater):
-            st = upd.state
-            state = {"step": torch.tensor(st["step"], dtype=torch.int64),
-                     "seed": torch.tensor(st["seed"], dtype=torch.int64),
-                     "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "prev_norm": st["prev_norm"]}
-            if st["proj"] is not None:
-                state["proj"] = st["proj"]
-            kind, scalars = "apollo", {}
+            state, kind, scalars = apollo.state_tensors(upd.state), "apollo", {}
         else:
             state, scalars = upd.state_dict()
             kind = type(upd.chunks[0][2]).__name__
@@ -254,6 +250,7 @@ def _write_checkpoint(trainer, tmp: str, step: int) -> dict:
         "versions": versions(),
         "metrics": {"file": "../metrics.jsonl", "last_step": step},
         "last_eval": getattr(trainer, "last_eval", None),
+        "spike_guard": trainer.guard.state_dict() if hasattr(trainer, "guard") else None,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
@@ -431,7 +428,7 @@ def _check_tensor(path: str, f, key: str, shape, dtype=None) -> None:
 def validate(trainer, ckpt: str) -> dict:
     """Check a checkpoint against the built model/optimizer without changing anything; its state."""
     from .layerwise import ApolloUpdater
-    from .optim.apollo import projection_shape
+    from .optim.apollo import REQUIRED_STATE, state_shapes
     state = read_state(ckpt)
     check_compatible(ckpt, read_config(ckpt), trainer.cfg)
     check_files(ckpt, state)
@@ -459,10 +456,8 @@ def validate(trainer, ckpt: str) -> dict:
                 raise CheckpointError(f"{path}: no state for tensor '{name}'")
             entry = layout[name]
             if isinstance(upd, ApolloUpdater):
-                rshape = tuple(upd.state["exp_avg"].shape)
-                shapes = {"exp_avg": rshape, "exp_avg_sq": rshape, "prev_norm": (), "step": (), "seed": (),
-                          "proj": projection_shape(tuple(upd.target.shape), upd.o.rank)}
-                need = {"step", "seed", "exp_avg", "exp_avg_sq", "prev_norm"}
+                shapes = state_shapes(upd.shape, upd.o.rank, upd.o.scale_type)
+                need = set(REQUIRED_STATE)
             else:
                 shapes = {f"c{i}.{k}": tuple(view.shape) for i, (_, view, _) in enumerate(upd.chunks)
                           for k in ("exp_avg", "exp_avg_sq", "state1", "state2")}
@@ -532,12 +527,15 @@ def load(trainer, ckpt: str, state: dict) -> None:
     trainer.opt.step_count = state["global_step"]
     trainer.tokens_seen = state["tokens_seen"]
     trainer.last_eval = state.get("last_eval")
+    if state.get("spike_guard") and hasattr(trainer, "guard"):
+        trainer.guard.load_state_dict(state["spike_guard"])
     load_rng(os.path.join(ckpt, "rng_state.safetensors"))
     trainer.metrics.truncate_after(state["global_step"])
 
 
 def load_optimizer(opt, path: str) -> None:
     from .layerwise import ApolloUpdater
+    from .optim import apollo
     with open_safetensors(path) as f:
         layout = json.loads(f.metadata()["layout"])
         for name, upd in opt.updaters.items():
@@ -545,11 +543,7 @@ def load_optimizer(opt, path: str) -> None:
             # copy=True: get_tensor may map the file, which must not stay mapped (rotation deletes it)
             t = {k: f.get_tensor(f"{name}.{k}").to(copy=True) for k in entry["tensors"]}
             if isinstance(upd, ApolloUpdater):
-                st, dev = upd.state, upd.state["exp_avg"].device
-                st["step"], st["seed"] = int(t["step"]), int(t["seed"])
-                for k in ("exp_avg", "exp_avg_sq", "prev_norm"):
-                    st[k] = t[k].to(dev)
-                st["proj"] = t["proj"].to(dev) if "proj" in t else None
+                apollo.load_state_tensors(upd.state, t)
                 continue
             upd.load_state_dict(t, entry["scalars"])
 

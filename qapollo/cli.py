@@ -1,4 +1,4 @@
-"""Command line: `qapollo train|plan|export|tokenizer|plot …` (run_7b.py is `qapollo train` with the 7B config).
+"""Command line: `qapollo train|plan|export|eval|tokenizer|plot …` (run_7b.py is `qapollo train` with the 7B config).
 
 Bad input ends with one line `error: …` naming the problem and the fix, and exit status 2.
 """
@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
+from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .layerwise import UpdateCheckError
+    from .metrics import MetricsError
     from .train import TrainError
     from .fused import FusedUnavailable
-    errs = [ConfigError, UpdateCheckError, TrainError, FusedUnavailable, FileNotFoundError]
+    errs = [ConfigError, UpdateCheckError, TrainError, MetricsError, FusedUnavailable, FileNotFoundError]
     try:
         from .data import DataError
         errs.append(DataError)
@@ -52,12 +52,13 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
 
 def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train", "plan", "export", "tokenizer", "plot"}
+    commands = {"train", "plan", "export", "eval", "tokenizer", "plot"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: qapollo {train,plan,export,tokenizer,plot} ...\n"
+        print("usage: qapollo {train,plan,export,eval,tokenizer,plot} ...\n"
               "  train      pre-train a LLaMA (qapollo train --config configs/llama_20m.yaml key=value ...)\n"
               "  plan       print the memory plan of a config before allocating anything\n"
               "  export     write an HF-loadable bf16 model from a checkpoint\n"
+              "  eval       loss and perplexity of a checkpoint or HF folder on text (qapollo eval RUN --data F...)\n"
               "  tokenizer  train a sentencepiece BPE tokenizer (qapollo tokenizer train CORPUS... --vocab N OUT/)\n"
               "  plot       draw loss/eval curves of runs from their metrics.jsonl")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
         if cmd == "export":
             from .export import export_main
             return export_main(rest)
+        if cmd == "eval":
+            from .evaluate import eval_main
+            return eval_main(rest)
         if cmd == "plot":
             from .plot import plot_main
             return plot_main(rest)

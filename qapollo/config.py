@@ -15,6 +15,10 @@ from typing import Any, get_type_hints
 import yaml
 
 
+# The 7B recipe: what `python run_7b.py` and `qapollo plan` use when no --config is given.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
+
+
 class ConfigError(ValueError):
     """A bad config key or value; the message says what and how to fix it."""
 
@@ -31,7 +35,12 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope scaling, e.g. {rope_type: llama3, factor: 8.0, ...}
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
     initializer_range: float = 0.02
+    # a local HF LLaMA folder (config.json + safetensors) to start from: it sets every shape key above
+    # (hf_import.py); null trains from a random init
+    init_from: str | None = None
     # int8 weights for the attention/MLP projections (false: ordinary floating-point weights)
     weight_quant: bool = True
     group_size: int = 128
@@ -73,6 +82,9 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum_steps: int = 1
+    # exact: the hooks keep a full gradient between micro-batches; lagged: APOLLO matrices apply each
+    # micro-batch with the previous step's scale and keep only the projected gradient (layerwise.py)
+    accum_mode: str = "exact"
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     save_total_limit: int = 2
@@ -81,7 +93,15 @@ class TrainConfig:
     run_name: str = ""  # empty: derived from the config file name
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     check_updates: bool = True  # startup guard: every trainable tensor must change in the first step
+    # spike guard, decided from the forward loss before backward (an in-backward update cannot be undone):
+    # skip a micro-batch whose loss is non-finite or above mean + spike_sigma·std of the last spike_window
+    # accepted losses; stop (last checkpoint kept) after max_skips_in_row skips in a row
+    skip_spikes: bool = True
+    spike_sigma: float = 6.0
+    spike_window: int = 128
+    max_skips_in_row: int = 20
     compile: bool = False
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to <run dir>/tb/ (needs `tensorboard`)
 
 
 @dataclass
@@ -158,6 +178,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                     return float(value)
                 except ValueError:
                     pass
+        elif t is dict:
+            if isinstance(value, dict):
+                return value
         elif t is str:
             if isinstance(value, str):
                 return value
@@ -183,6 +206,12 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
         valid = ", ".join(f.name for f in fields(section))
         raise ConfigError(f"unknown config key '{dotted}'; valid keys of '{parts[0]}': {valid}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
+    explicit_keys(cfg).add(dotted)
+
+
+def explicit_keys(cfg: Config) -> set[str]:
+    """The dotted keys a file or override set (not defaults): model.init_from refuses conflicting shape keys."""
+    return cfg.__dict__.setdefault("_explicit", set())
 
 
 def _flatten(d: dict, where: str) -> dict[str, Any]:
@@ -267,6 +296,12 @@ def validate(cfg: Config) -> None:
     need(t.batch_size >= 1 and t.seq_len >= 2, "train.batch_size must be >= 1 and train.seq_len >= 2")
     need(t.seq_len <= m.max_position_embeddings, f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
     need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+    need(t.accum_mode in ("exact", "lagged"), f"train.accum_mode must be exact or lagged, got '{t.accum_mode}'")
+    need(t.accum_mode == "exact" or o.name != "adamw",
+         "train.accum_mode=lagged needs an APOLLO optimizer (optim.name apollo_mini or apollo); use exact with adamw")
+    need(t.spike_sigma > 0, "train.spike_sigma must be > 0 (set train.skip_spikes=false to turn the guard off)")
+    need(t.spike_window >= 8, "train.spike_window must be >= 8")
+    need(t.max_skips_in_row >= 1, "train.max_skips_in_row must be >= 1")
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
 
 
@@ -274,6 +309,7 @@ def validate(cfg: Config) -> None:
 # (max_steps, logging, eval, lr schedule length) may change on resume.
 ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers", "model.num_attention_heads",
              "model.num_key_value_heads", "model.vocab_size", "model.weight_quant", "model.group_size",
+             "model.tie_word_embeddings",
              "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "train.batch_size", "train.seq_len")
 
 

@@ -60,17 +60,13 @@ def find_checkpoint(spec: str) -> str:
 
 
 def plan_tensors(cfg, f, path: str) -> list[tuple[str, tuple, torch.dtype, object]]:
-    """(HF name, shape, bf16, producer) for every weight of the HF model, in its state_dict order."""
-    from transformers import LlamaForCausalLM
-
+    """(HF name, shape, bf16, producer) for every weight of the HF model, in its state_dict order (a tied
+    lm_head is left out, as save_pretrained does)."""
     from . import quant
-    from .model import llama_config
-    with torch.device("meta"):
-        ref = LlamaForCausalLM(llama_config(cfg.model))
+    from .hf_import import expected_tensors
     keys = set(f.keys())
     items = []
-    for name, t in ref.state_dict().items():
-        shape = tuple(t.shape)
+    for name, shape in expected_tensors(cfg.model).items():
         base = name[: -len(".weight")]
         if f"{base}.weight_codes" in keys:
             gs = cfg.model.group_size

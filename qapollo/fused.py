@@ -106,8 +106,8 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True, options=_inductor_options())
 
 
-def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: int, stochastic: bool) -> None:
-    nc, ns, nz = quant.update_groups(codes, scale, zero, grad, coef, decay, start, group_size, stochastic)
+def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: int, stochastic: bool, keep) -> None:
+    nc, ns, nz = quant.update_groups(codes, scale, zero, grad, coef, decay, start, group_size, stochastic, keep)
     codes.copy_(nc)
     scale.copy_(ns)
     zero.copy_(nz)
@@ -123,14 +123,15 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 @torch.no_grad()
 def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                       grad: torch.Tensor, coef: torch.Tensor, decay: torch.Tensor | None = None, *,
-                      stochastic: bool, seed: int = 0, count_changes: bool = False) -> int:
+                      stochastic: bool, seed: int = 0, count_changes: bool = False,
+                      keep: torch.Tensor | None = None) -> int:
     """quant.update_quantized_ (same arguments and result) as one compiled call on the whole matrix.
 
     With count_changes (the startup guard, step 1) the old codes are copied first (1 byte/weight) and
     compared in 4M-element row chunks."""
     old = (codes.clone(), scale.clone(), zero.clone()) if count_changes else None
     start = torch.full((), quant.noise_key(seed), dtype=torch.int64, device=codes.device)  # no host sync
-    _compiled(_update_inplace)(codes, scale, zero, grad, coef, decay, start, group_size, stochastic)
+    _compiled(_update_inplace)(codes, scale, zero, grad, coef, decay, start, group_size, stochastic, keep)
     if old is None:
         return 0
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)

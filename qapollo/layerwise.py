@@ -10,9 +10,15 @@ hooks); float tensors through `register_post_accumulate_grad_hook`. Each hook up
 drops the gradient at once. The learning rate is a pure function of the one global step counter, so
 every tensor sees the same schedule, exactly once per optimizer step, starting above zero.
 
-Gradient accumulation: on all micro-batches but the last the hooks only accumulate; on the last they
-add the accumulated part and step. (This keeps one full gradient resident between micro-batches: the
-price of accumulation with in-backward updates.)
+Gradient accumulation (K micro-batches per optimizer step), two modes:
+  * exact: on all micro-batches but the last the hooks only accumulate; on the last they add the
+    accumulated part and step. Exact, but one full gradient stays resident between micro-batches.
+  * lagged: APOLLO matrices apply each micro-batch's share at once with the previous step's scaling and
+    keep only the projected gradient (optim/apollo.py); float tensors (embeddings, norms, lm_head)
+    accumulate as in exact mode. Resident extra: the float tensors' gradients (0.49 GiB at 7B in bf16).
+
+Non-finite gradients never reach a weight: APOLLO's multiplier is zeroed on device (no host sync per
+tensor), a float tensor's update is skipped; `after_backward` reads the flags once and names the tensor.
 """
 from __future__ import annotations
 
@@ -30,6 +36,16 @@ class UpdateCheckError(RuntimeError):
     """A trainable tensor did not change, or did not get a gradient, in an optimizer step."""
 
 
+class NonFiniteGradient(UpdateCheckError):
+    """A gradient with inf/nan reached an update hook; `names` lists the tensors (none was written)."""
+
+    def __init__(self, names: list[str], step: int):
+        self.names, self.step = names, step
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        super().__init__(f"non-finite gradient (inf/nan) in {names[0]}{more} at step {step}: no weight took it, "
+                         f"but other tensors of this step were already updated inside backward")
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup then cosine to min_lr_ratio·lr. `step` is 0 for the first update, whose lr is > 0."""
     if step < warmup_steps:
@@ -40,46 +56,76 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr_r
 
 
 class ApolloUpdater:
-    """APOLLO / APOLLO-Mini on one matrix, int8 (dequant → update → requant in fp32) or float."""
+    """APOLLO / APOLLO-Mini on one matrix, int8 (dequant → update → requant in fp32) or float.
 
-    def __init__(self, name: str, target, ocfg, seed: int, stochastic: bool):
+    lagged=True: the lagged-scale accumulation mode (one call per micro-batch, `commit` per step)."""
+
+    def __init__(self, name: str, target, ocfg, seed: int, stochastic: bool, lagged: bool = False):
         self.name, self.target, self.o = name, target, ocfg
-        self.stochastic = stochastic
+        self.stochastic, self.lagged = stochastic, lagged
+        self.finite = None
         self.sr_seed = tensor_seed(seed, "sr:" + name)
         shape = target.shape if isinstance(target, Int8Linear) else tuple(target.shape)
+        self.shape = tuple(shape)
         device = target.weight_codes.device if isinstance(target, Int8Linear) else target.device
-        self.state = apollo.init_state(tuple(shape), ocfg.rank, tensor_seed(seed, "proj:" + name), device)
+        self.state = apollo.init_state(self.shape, ocfg.rank, tensor_seed(seed, "proj:" + name), device)
         # the compiled whole-matrix kernel or the eager row-chunk reference (model.fused_update)
         self._update_int8 = fused.update_quantized_ if getattr(target, "fused", False) else quant.update_quantized_
 
-    def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+    def _hparams(self) -> dict:
         o = self.o
-        c = apollo.apollo_multiplier(grad, self.state, rank=o.rank, scale_type=o.scale_type,
-                                     update_proj_gap=o.update_proj_gap, beta1=o.beta1, beta2=o.beta2,
-                                     eps=o.eps, norm_growth_limit=o.norm_growth_limit,
-                                     limiter_decay=o.limiter_decay)
+        return dict(rank=o.rank, scale_type=o.scale_type, update_proj_gap=o.update_proj_gap, beta1=o.beta1,
+                    beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
+
+    def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+        fn = apollo.lagged_multiplier if self.lagged else apollo.apollo_multiplier
+        c = fn(grad, self.state, **self._hparams())
+        self.finite = self.state.pop("finite")  # a device bool: read once per micro-batch, not here
+        return self._apply(grad, c, lr, count_changes)
+
+    def commit(self) -> None:
+        """Step boundary (lagged mode): moments take the window's projected gradient once."""
+        if self.lagged:
+            o = self.o
+            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, beta1=o.beta1,
+                                 beta2=o.beta2, eps=o.eps)
+
+    def _noise_key(self) -> str:
+        # exact: one update per step; lagged: one per micro-batch, each with its own rounding noise
+        st = self.state
+        return f"{st['step']}:{st['r_count']}" if self.lagged else str(st["step"])
+
+    def _apply(self, grad: torch.Tensor, c: torch.Tensor, lr: float, count_changes: bool) -> int:
         # W ← (W + coef⊙G)·decay with coef = -lr·√scale·c and decay = 1 - lr·wd (decoupled weight decay on
         # the updated weight, as in the reference). Both stay on the device: no host sync, and the compiled
         # kernel takes them as tensors (a Python float would recompile it every step).
-        coef = c * (-lr * math.sqrt(o.scale))  # c is fp32 (fp64 for fp64 gradients)
-        decay = torch.full((), 1.0 - lr * o.weight_decay, device=grad.device) if o.weight_decay else None
+        coef = c * (-lr * math.sqrt(self.o.scale))  # c is fp32 (fp64 for fp64 gradients)
+        wd = self.o.weight_decay
+        decay = torch.full((), 1.0 - lr * wd, device=grad.device) if wd else None
         if isinstance(self.target, Int8Linear):
             t = self.target
             # Rounding noise is a function of (seed, tensor, step, element): reproducible, order- and
-            # device-independent, nothing to save for resume (quant.sr_noise).
-            key = tensor_seed(self.sr_seed, str(self.state["step"]))
+            # device-independent, nothing to save for resume (quant.sr_noise). A non-finite gradient
+            # (c = 0, the flag false) leaves codes, scales and zeros as they were (keep).
             return self._update_int8(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad,
-                                     coef.float(), decay, stochastic=self.stochastic, seed=key,
-                                     count_changes=count_changes)
+                                     coef.float(), decay, stochastic=self.stochastic,
+                                     seed=tensor_seed(self.sr_seed, self._noise_key()),
+                                     count_changes=count_changes, keep=~self.finite)
         p = self.target
         before = p.detach().clone() if count_changes else None
         with torch.no_grad():
-            new = p.to(coef.dtype)  # p itself when it is fp32: updated in place
-            new += grad.to(coef.dtype) * coef
+            d = grad.to(coef.dtype) * coef
+            # c is 0 for a non-finite gradient; 0·inf = nan, so clear those too: nothing reaches the weight
+            torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+            new = p.to(coef.dtype) + d  # a new tensor: p stays as it was until the select below
             if decay is not None:
                 new *= decay
-            p.copy_(new)
+            p.copy_(torch.where(self.finite, new.to(p.dtype), p))
         return int((p != before).sum()) if count_changes else 0
+
+    def finite_flag(self):
+        """Device bool of the last call: was the gradient finite (read once per micro-batch)."""
+        return self.finite
 
 
 class TorchAdamUpdater:
@@ -95,6 +141,7 @@ class TorchAdamUpdater:
 
     def __init__(self, name: str, param: nn.Parameter, kind: str, ocfg, weight_decay: float):
         self.name, self.param = name, param
+        self.finite = True
         betas = (ocfg.beta1, ocfg.beta2)
         if kind == "adam8bit":
             import bitsandbytes as bnb  # used as a library, never subclassed
@@ -117,6 +164,12 @@ class TorchAdamUpdater:
 
     def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
         p, changed = self.param, 0
+        # a host sync per float tensor (2·layers + 3 of them): Adam's moments would move the weight even
+        # for a zeroed gradient, so a bad one must skip the update, which needs the answer on the host
+        self.finite = bool(torch.isfinite(grad).all())
+        if not self.finite:
+            p.grad = None
+            return 0
         for sl, view, opt in self.chunks:
             # the startup guard compares chunk by chunk: whole-tensor, copy + mask (+ CUDA's int64 sum) was 1.4 GB at 7B
             before = view.detach().clone() if count_changes else None
@@ -128,6 +181,12 @@ class TorchAdamUpdater:
                 changed += int((view.detach() != before).sum())
         p.grad = None
         return changed
+
+    def finite_flag(self) -> bool:
+        return self.finite
+
+    def commit(self) -> None:
+        pass
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, scalars) keyed `c<i>.<key>`: the raw state of each chunk's optimizer."""
@@ -154,32 +213,43 @@ class TorchAdamUpdater:
 
 
 class LayerwiseOptimizer:
-    """Owns the updaters, the global step and the hooks that run them inside backward."""
+    """Owns the updaters, the global step and the hooks that run them inside backward.
 
-    def __init__(self, model: nn.Module, ocfg, max_steps: int, seed: int = 0, stochastic_round: bool = True):
+    Per optimizer step: `begin_step` before each micro-batch's backward, `after_backward` after it,
+    `end_step` once at the end (or `abandon_step` when every micro-batch of the step was skipped).
+    """
+
+    def __init__(self, model: nn.Module, ocfg, max_steps: int, seed: int = 0, stochastic_round: bool = True,
+                 accum_mode: str = "exact"):
         self.model, self.o, self.max_steps = model, ocfg, max_steps
         self.step_count = 0  # optimizer steps done
         self.updaters: dict[str, object] = {}
         self.lr = 0.0
         self.hooks_enabled = True  # False: only accumulate (earlier micro-batches, two-phase tests)
         self.count_changes = False
+        self.lagged = accum_mode == "lagged"
+        self._in_step = False
+        self._micro_done = 0  # micro-batches of this step whose backward ran
         self._fired: dict[str, int] = {}
         self._changed: dict[str, int] = {}
+        self._flags: list[tuple[str, object]] = []  # (name, finite flag) of this micro-batch's updates
         self._handles = []
         self._matrices = mats = matrix_names(model)  # int8 modules and float projection weights
         self.float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
         for name, mod in int8_modules(model):
-            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round)
+            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round, self.lagged)
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             if name in mats and ocfg.name != "adamw":
-                self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False)
+                self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False, self.lagged)
             elif name in mats:
                 self.updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
             else:
                 kind = "adamw" if ocfg.name == "adamw" else ocfg.float_optim
                 self.updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0)
+        # tensors that step on every micro-batch (lagged mode); all others step once per optimizer step
+        self._every_micro = {n for n, u in self.updaters.items() if isinstance(u, ApolloUpdater) and u.lagged}
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -197,18 +267,21 @@ class LayerwiseOptimizer:
         for _, mod in int8_modules(self.model):
             mod.grad_hook = None
 
+    def _steps_now(self, name: str) -> bool:
+        return self.hooks_enabled or name in self._every_micro
+
     def _int8_hook(self, mod: Int8Linear, grad: torch.Tensor) -> None:
-        if mod.weight_grad is not None:  # earlier micro-batches of this step
+        if mod.weight_grad is not None:  # earlier micro-batches of this step (exact mode)
             grad = grad + mod.weight_grad
             mod.weight_grad = None
-        if not self.hooks_enabled:
+        if not self._steps_now(mod.param_name):
             mod.weight_grad = grad
             return
         self._run(mod.param_name, grad)
 
     def _make_float_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
-            if not self.hooks_enabled or p.grad is None:
+            if not self._steps_now(name) or p.grad is None:
                 return  # .grad keeps accumulating until the last micro-batch
             grad, p.grad = p.grad, None
             self._run(name, grad)
@@ -216,7 +289,9 @@ class LayerwiseOptimizer:
 
     def _run(self, name: str, grad: torch.Tensor) -> None:
         lr = self.lr if name in self._matrices else self.lr * self.float_lr_scale
-        changed = self.updaters[name].step(grad, lr, self.count_changes)
+        upd = self.updaters[name]
+        changed = upd.step(grad, lr, self.count_changes)
+        self._flags.append((name, upd.finite_flag()))
         self._fired[name] = self._fired.get(name, 0) + 1
         self._changed[name] = self._changed.get(name, 0) + changed
 
@@ -237,16 +312,46 @@ class LayerwiseOptimizer:
         return lr_at(self.step_count, o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio)
 
     def begin_step(self, last_micro: bool = True, check: bool = False) -> None:
-        """Call before each micro-batch's backward; `last_micro` makes its hooks step."""
+        """Call before each micro-batch's backward; `last_micro` makes its once-per-step hooks step."""
+        if not self._in_step:
+            self._in_step, self._micro_done = True, 0
+            self._fired, self._changed = {}, {}
         self.lr = self.current_lr()
         self.hooks_enabled = last_micro
         self.count_changes = check
-        if last_micro:
-            self._fired, self._changed = {}, {}
+        self._flags = []
+
+    def after_backward(self) -> None:
+        """Call after each micro-batch's backward: one host read of the non-finite flags of its updates."""
+        self._micro_done += 1
+        flags, self._flags = self._flags, []
+        on_device = [(n, f) for n, f in flags if torch.is_tensor(f)]
+        bad = [n for n, f in flags if f is False]
+        if on_device:
+            ok = torch.stack([f.reshape(()) for _, f in on_device])
+            if not bool(ok.all()):
+                bad += [n for (n, _), good in zip(on_device, ok.tolist()) if not good]
+        if bad:
+            self._in_step = False
+            raise NonFiniteGradient(bad, self.step_count + 1)
+
+    def _pending(self) -> bool:
+        return any(m.weight_grad is not None for _, m in int8_modules(self.model)) or \
+            any(p.grad is not None for n, p in self.model.named_parameters() if n in self.updaters)
 
     def end_step(self, check: bool = False) -> None:
-        """Call after the last micro-batch's backward: verify every tensor stepped once, count the step."""
-        missing = [n for n in self.updaters if self._fired.get(n, 0) != 1]
+        """Call after the last micro-batch's backward: apply what is still pending (its last micro-batch
+        was skipped), commit the lagged scales, verify every tensor stepped, count the step."""
+        if self._pending():
+            self.step_pending(check)
+            self.after_backward()
+            self._micro_done -= 1  # not a micro-batch of its own
+        for u in self.updaters.values():
+            u.commit()
+        self._in_step = False
+        micro = max(1, self._micro_done)
+        want = {n: (micro if n in self._every_micro else 1) for n in self.updaters}
+        missing = [n for n in self.updaters if self._fired.get(n, 0) != want[n]]
         if missing:
             raise UpdateCheckError(
                 f"{len(missing)} trainable tensor(s) got no gradient (or more than one) in step "
@@ -262,10 +367,16 @@ class LayerwiseOptimizer:
         self.count_changes = False
         self.step_count += 1
 
-    def step_pending(self) -> None:
+    def abandon_step(self) -> None:
+        """Every micro-batch of this step was skipped: nothing was applied or accumulated; not counted."""
+        self._in_step = False
+        self.count_changes = False
+
+    def step_pending(self, check: bool | None = None) -> None:
         """Two-phase update: apply every accumulated gradient now (used by tests and as a reference)."""
         self.hooks_enabled = True
-        self._fired, self._changed = {}, {}
+        if check is not None:
+            self.count_changes = check
         for name, mod in int8_modules(self.model):
             if mod.weight_grad is not None:
                 g, mod.weight_grad = mod.weight_grad, None

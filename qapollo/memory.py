@@ -145,7 +145,8 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     c: dict[str, int] = {}
 
     # ---- persistent ----------------------------------------------------------------------------
-    float_tensors = [V * h, V * h] + [h] * (2 * L + 1)  # embed, lm_head, norms
+    tied = m.tie_word_embeddings  # lm_head is the embedding: one V·h tensor and one optimizer state
+    float_tensors = [V * h] * (1 if tied else 2) + [h] * (2 * L + 1)  # embed, lm_head, norms
     if m.weight_quant:
         groups = mat_elems // m.group_size
         c["int8_codes"] = mat_elems
@@ -163,9 +164,18 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     else:
         # M and V (fp32, max(m,n)·rank each) + the projection (fp32, min(m,n)·rank) + prev norm
         c["apollo_states"] = L * sum(4 * o.rank * (2 * max(a, b) + min(a, b)) + 4 for _, a, b in mats)
+    lagged = t.accum_mode == "lagged" and o.name != "adamw"
+    if lagged:
+        # + the window's summed projected gradient (max(m,n)·rank) and the lagged scale (1 or per channel)
+        c["apollo_states"] += L * sum(4 * o.rank * max(a, b) + 4 * (1 if o.scale_type == "tensor" else max(a, b))
+                                      for _, a, b in mats)
     if t.grad_accum_steps > 1:
-        # hooks only accumulate on earlier micro-batches: one full gradient stays resident (layerwise.py)
-        c["accumulated_grads"] = s * (mat_elems + sum(float_tensors))
+        if lagged:
+            # only the float tensors (embed, lm_head, norms) accumulate a gradient (layerwise.py)
+            c["accumulated_grads"] = s * sum(float_tensors)
+        else:
+            # hooks only accumulate on earlier micro-batches: one full gradient stays resident (layerwise.py)
+            c["accumulated_grads"] = s * (mat_elems + sum(float_tensors))
     persistent = sum(c.values())
 
     # ---- activations -----------------------------------------------------------------------------
@@ -188,14 +198,20 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     # Step 1 differs: the startup guard copies each float tensor's row chunk before its update ((s+1)·n
     # with the comparison's bool mask), and the embedding's optimizer states do not exist yet when lm_head steps.
     first_check = t.check_updates
-    head_t, emb_t = fstate[1][1], fstate[0][1]
+    head_t, emb_t = (0 if tied else fstate[1][1]), fstate[0][1]
     # chunk by chunk (layerwise.py); CUDA sums the bool mask through an int64 copy (8 B/elem). Whole-tensor,
     # that was 1.4 GB at 7B on an H100 (measured peak 8.92 → 7.67 GiB once chunked).
     clone = (s + 1 + (8 if device_type == "cuda" else 0)) * min(V * h, FLOAT_CHUNK_ELEMS) if first_check else 0
     phases = {}
     phases["loss"] = acts + loss_peak
-    phases["head"] = acts + s * N * h + s * V * h + max(head_t, 0)
-    phases["head (step 1)"] = phases["head"] + clone - fstate[0][0]
+    # With accumulation the gradient being stepped is the resident accumulated one (counted above): the
+    # new micro-batch's gradient is added into it in place and freed before the update's transients.
+    acc = t.grad_accum_steps > 1
+
+    def grad_then_update(transient: int) -> int:
+        return max(s * V * h, transient) if acc else s * V * h + transient
+    phases["head"] = acts + s * N * h + grad_then_update(max(head_t, 0))
+    phases["head (step 1)"] = phases["head"] + (0 if tied else clone) - fstate[0][0]
     # one decoder layer's backward: the largest matrix dequantized (into an s-byte output) or its weight
     # gradient plus the update's buffers, over ~3 activation gradients
     guard_t = 0
@@ -207,13 +223,17 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     else:
         mat_t = s * mn_max + 4 * mn_max * 2
     grads = 3 * s * N * max(h, I)
+    if tied and not acc:  # lm_head's gradient waits in the shared tensor's .grad until the embedding's arrives
+        grads += s * V * h
     if ckpt:
         phases["layer"] = c_act_ckpt + per_layer + grads + mat_t
     else:
         phases["layer"] = c_act_full + grads + mat_t
     if first_check and guard_t:
         phases["layer (step 1)"] = phases["layer"] + guard_t
-    phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + s * V * h + emb_t
+    # tied: lm_head's gradient is still held when the embedding's arrives (one tensor, one update)
+    phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t) + \
+        (s * V * h if tied and not acc else 0)
     phases["embed (step 1)"] = phases["embed"] + clone
     phase = max(phases, key=phases.get)
     extra = CUBLAS_WORKSPACE_BYTES if device_type == "cuda" else 0
@@ -290,18 +310,17 @@ def advice(plan: dict) -> str:
 
 
 def plan_main(argv: list[str]) -> int:
-    from .config import load_config
+    from .config import DEFAULT_CONFIG, load_config
     ap = argparse.ArgumentParser(prog="qapollo plan", description="Print the memory plan of a run config.")
-    ap.add_argument("--config", default=None, help="YAML run config (default: configs/llama_7b.yaml)")
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="YAML run config (default: configs/llama_7b.yaml)")
     ap.add_argument("--budget", default=None, help="memory budget, e.g. 12GiB: say whether the plan fits")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device to plan for (default cuda)")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seq_len=2048")
     args = ap.parse_args(argv)
-    if args.config is None:
-        from .cli import DEFAULT_CONFIG
-        args.config = DEFAULT_CONFIG
     cfg = load_config(args.config, args.overrides)
+    from .hf_import import plan_shape
+    plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
     plan = predict_peak(cfg, args.device)
     budget = parse_bytes(args.budget) if args.budget else None
     if args.json:

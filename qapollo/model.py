@@ -83,15 +83,21 @@ class Int8Linear(nn.Module):
         return deq(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     @torch.no_grad()
-    def init_normal_(self, std: float, seed: int) -> None:
-        """Draw N(0, std) row chunk by row chunk and round to nearest: no full float copy exists."""
-        gen = torch.Generator(device=self.weight_codes.device)
-        gen.manual_seed(seed)
+    def quantize_from_(self, rows_fn) -> None:
+        """Fill the codes from `rows_fn(row slice)` (float rows, any device) row chunk by row chunk, rounded
+        to nearest: no full float copy of the matrix ever exists."""
+        dev = self.weight_codes.device
         for rows, gs in quant.row_chunks(self.shape, self.group_size):
-            n = rows.stop - rows.start
-            w = torch.randn((n, self.in_features), generator=gen, device=self.weight_codes.device) * std
+            w = rows_fn(rows).to(dev)
             self.weight_codes[rows], self.weight_scale[gs], self.weight_zero[gs] = \
                 quant.quantize(w, self.group_size, self.weight_scale.dtype)
+
+    def init_normal_(self, std: float, seed: int) -> None:
+        """Draw N(0, std), chunk by chunk, and round to nearest."""
+        gen = torch.Generator(device=self.weight_codes.device)
+        gen.manual_seed(seed)
+        self.quantize_from_(lambda rows: torch.randn((rows.stop - rows.start, self.in_features), generator=gen,
+                                                     device=self.weight_codes.device) * std)
 
     def receive_grad(self, grad: torch.Tensor) -> None:
         if self.grad_hook is not None:
@@ -116,9 +122,9 @@ def llama_config(mcfg) -> LlamaConfig:
         num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
         num_key_value_heads=mcfg.num_key_value_heads or mcfg.num_attention_heads,
         max_position_embeddings=mcfg.max_position_embeddings, rms_norm_eps=mcfg.rms_norm_eps,
-        rope_theta=mcfg.rope_theta, initializer_range=mcfg.initializer_range, hidden_act="silu",
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=False,
-        attn_implementation="sdpa",
+        rope_theta=mcfg.rope_theta, rope_scaling=dict(mcfg.rope_scaling) if mcfg.rope_scaling else None,
+        initializer_range=mcfg.initializer_range, hidden_act="silu", tie_word_embeddings=mcfg.tie_word_embeddings,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=False, attn_implementation="sdpa",
     )
 
 
@@ -148,8 +154,10 @@ def _replace_projections(model: nn.Module, mcfg, device) -> None:
 
 
 @torch.no_grad()
-def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0) -> LlamaForCausalLM:
-    """Build and initialise the model directly on `device` (int8 projections unless weight_quant=false)."""
+def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: bool = True) -> LlamaForCausalLM:
+    """Build and initialise the model directly on `device` (int8 projections unless weight_quant=false).
+
+    init=False allocates without initialising: the caller fills every tensor (a checkpoint, hf_import)."""
     device = torch.device(device)
     dtype = resolve_dtype(mcfg.dtype, device)
     hf_cfg = llama_config(mcfg)
@@ -158,13 +166,24 @@ def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0) -> Llam
         if mcfg.weight_quant:
             _replace_projections(model, mcfg, "meta")
     model.to_empty(device=device)  # allocates, does not initialise: done below, tensor by tensor
-    std = mcfg.initializer_range
+    if mcfg.tie_word_embeddings:  # to_empty gives lm_head a tensor of its own: share the embedding again
+        model.lm_head.weight = model.model.embed_tokens.weight
     use_fused = fused.resolve(mcfg.fused_update, device) if mcfg.weight_quant else False
-    for name, mod in model.named_modules():
-        if isinstance(mod, Int8Linear):
-            mod.param_name = name
-            mod.fused = use_fused
-            mod.init_normal_(std, tensor_seed(seed, name))
+    for name, mod in int8_modules(model):
+        mod.param_name = name
+        mod.fused = use_fused
+    if init:
+        _init_weights(model, mcfg.initializer_range, seed, device)
+    if dtype != torch.float32:
+        _keep_norms_fp32(model)
+    # Rotary frequencies were buffers on meta: recompute them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg).to(device)
+    return model
+
+
+def _init_weights(model: nn.Module, std: float, seed: int, device: torch.device) -> None:
+    for name, mod in int8_modules(model):
+        mod.init_normal_(std, tensor_seed(seed, name))
     for name, p in model.named_parameters():
         if "norm" in name:
             p.fill_(1.0)
@@ -175,11 +194,6 @@ def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0) -> Llam
             for rows, _ in quant.row_chunks(tuple(p.shape), 1):
                 n = rows.stop - rows.start
                 p[rows] = (torch.randn((n, p.shape[1]), generator=gen, device=device) * std).to(p.dtype)
-    if dtype != torch.float32:
-        _keep_norms_fp32(model)
-    # Rotary frequencies were buffers on meta: recompute them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_cfg).to(device)
-    return model
 
 
 def _keep_norms_fp32(model: nn.Module) -> None:

@@ -160,21 +160,26 @@ def dequantize_chunked(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 def update_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grad: torch.Tensor,
                   coef: torch.Tensor, decay: torch.Tensor | None, noise_start, group_size: int,
-                  stochastic: bool):
+                  stochastic: bool, keep: torch.Tensor | None = None):
     """The update of a block of whole groups: requant((dequant(W) + coef·G) · decay).
 
     codes (r, n) uint8 and the scale/zero of its r·n/g groups; grad (r, n) in any float dtype; coef
     fp32, 0-d (tensor-wise) or (r, 1) / (1, n) (channel-wise); decay None or a 0-d fp32 factor
     (decoupled weight decay on the updated weight); noise_start: sr_noise's start for the block's first
-    element. Returns new (codes (r, n), scale, zero). Pure torch: the eager reference below and the
-    compiled kernel (fused.py) run this same code, so they do the same fp32 arithmetic.
+    element; keep None or a 0-d bool: where True the old block comes back unchanged (a non-finite
+    gradient, whose NaNs never get past this select). Returns new (codes (r, n), scale, zero). Pure
+    torch: the eager reference below and the compiled kernel (fused.py) run this same code, so they do
+    the same fp32 arithmetic.
     """
     w = dequantize_groups(group_view(codes, group_size), scale, zero)
     w += (grad.float() * coef).reshape(w.shape)
     if decay is not None:
         w *= decay
     nc, ns, nz = quantize_groups(w, scale.dtype, stochastic, noise_start)
-    return nc.reshape(codes.shape), ns, nz
+    nc = nc.reshape(codes.shape)
+    if keep is not None:
+        nc, ns, nz = torch.where(keep, codes, nc), torch.where(keep, scale, ns), torch.where(keep, zero, nz)
+    return nc, ns, nz
 
 
 def noise_key(seed: int) -> int:
@@ -199,7 +204,7 @@ def _coef_rows(coef: torch.Tensor, rows: slice) -> torch.Tensor:
 def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                       grad: torch.Tensor, coef: torch.Tensor, decay: torch.Tensor | None = None, *,
                       stochastic: bool, seed: int = 0, count_changes: bool = False,
-                      max_elems: int | None = None) -> int:
+                      max_elems: int | None = None, keep: torch.Tensor | None = None) -> int:
     """In place: W ← requant((dequant(W) + coef·grad) · decay), row chunk by row chunk (eager reference).
 
     coef: 0-d or per-row (m, 1) / per-column (1, n) fp32 multiplier (e.g. -lr·√scale·c of APOLLO);
@@ -207,14 +212,16 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     fp32 transients (chunk_elems per device); the noise is indexed by the element's place in the whole
     matrix, so any chunking gives the same result. With count_changes, returns how many codes, scales
     or zero points changed (the startup guard's proof that the write happened; it costs a device sync,
-    so it is off in the steady state); else 0.
+    so it is off in the steady state); else 0. `keep`, a 0-d bool tensor on the device, keeps the old
+    codes/scales/zeros bit for bit where True (a non-finite gradient: even a zero update would
+    requantize) without a host sync.
     """
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)
     n = codes.shape[1]
     for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems or chunk_elems(codes.device)):
         c = codes[rows]
         new = update_groups(c, scale[gs], zero[gs], grad[rows], _coef_rows(coef, rows), decay,
-                            noise_key(seed) + rows.start * n, group_size, stochastic)
+                            noise_key(seed) + rows.start * n, group_size, stochastic, keep)
         if count_changes:
             changed += changes((c, scale[gs], zero[gs]), new)
         c.copy_(new[0])

@@ -10,9 +10,11 @@ import torch
 from tqdm import tqdm
 
 from .config import Config
+from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
-from .metrics import MetricsLog, peak_mem_bytes
+from .hf_import import load_weights, resolve_init_from
+from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
@@ -44,6 +46,9 @@ class Trainer:
         from .data import build_data, check_vocab
 
         cfg, t = self.cfg, self.cfg.train
+        if t.tensorboard:
+            require_tensorboard()  # fail before anything is built
+        init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
         self._plan_memory()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
@@ -51,13 +56,17 @@ class Trainer:
         self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
                                eval_tokens=cfg.eval.tokens)
         check_vocab(self.data.tokenizer, cfg.model.vocab_size)
-        self.model = build_model(cfg.model, self.device, seed=t.seed)
+        self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
+        if init_from is not None:
+            load_weights(self.model, init_from, progress=self.progress)
         self.model.train()
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
-                                      stochastic_round=cfg.model.stochastic_round)
-        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"))
+                                      stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode)
+        self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None)
         checkpoint.resume(self, resume_from)
 
     def _plan_memory(self) -> None:
@@ -76,24 +85,48 @@ class Trainer:
             tune_cpu_allocator()
 
     # ---- one optimizer step --------------------------------------------------------------------
-    def train_step(self) -> float:
+    def train_step(self) -> float | None:
+        """One optimizer step over grad_accum_steps micro-batches; the mean loss of those trained on, or
+        None when the spike guard skipped all of them (then nothing changed and the step does not count)."""
         t = self.cfg.train
         check = self.opt.step_count == 0 and t.check_updates
-        total = 0.0
+        total, used = 0.0, 0
         for micro in range(t.grad_accum_steps):
             x = next(self.data.train).to(self.device, non_blocking=True)
             self.opt.begin_step(last_micro=micro == t.grad_accum_steps - 1, check=check)
             loss = causal_lm_loss(self.model, x)  # = model(input_ids=x, labels=x).loss, no full logits
-            loss_val = loss.item()  # a device sync, once per micro-batch: the non-finite guard needs it
-            if not math.isfinite(loss_val):
-                raise TrainError(f"loss is {loss_val} at step {self.opt.step_count + 1}: stopping before the "
-                                 f"update; lower optim.lr or raise optim.warmup_steps, then resume from the "
-                                 f"last checkpoint")
+            loss_val = loss.item()  # a device sync, once per micro-batch: the guard decides before backward
+            reason = self.guard.reason_to_skip(loss_val)
+            if reason:
+                del loss  # frees the graph: no backward, no update
+                self._skip(reason, micro)
+                continue
+            self.guard.accept(loss_val)
             (loss / t.grad_accum_steps).backward()
-            total += loss_val / t.grad_accum_steps
+            self.opt.after_backward()  # raises NonFiniteGradient (no weight took it) naming the tensor
+            total += loss_val
+            used += 1
             self.tokens_seen += x.numel()
+        if used == 0:
+            self.opt.abandon_step()
+            return None
         self.opt.end_step(check=check)
-        return total
+        return total / used
+
+    def _skip(self, reason: str, micro: int) -> None:
+        t = self.cfg.train
+        if not t.skip_spikes:  # guard off: only a non-finite loss gets here, and it stops the run
+            raise TrainError(f"{reason} at step {self.opt.step_count + 1}: stopping before the update; lower "
+                             f"optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")
+        where = f"micro-batch {micro + 1}/{t.grad_accum_steps} of " if t.grad_accum_steps > 1 else ""
+        tqdm.write(f"qapollo: skipped {where}step {self.opt.step_count + 1}: {reason}")
+        if self.guard.skip():
+            last = getattr(self, "checkpoint_path", None)
+            raise TrainError(
+                f"{self.guard.in_row} micro-batches in a row skipped by the spike guard (last: {reason}) at step "
+                f"{self.opt.step_count + 1}: the run has diverged. Nothing was saved; "
+                + (f"resume from {last}" if last else "no checkpoint exists yet: start again")
+                + " with a lower optim.lr or a longer optim.warmup_steps")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -136,7 +169,10 @@ class Trainer:
         record = {}
         while self.opt.step_count < t.max_steps and not self.stop_requested:
             lr = self.opt.current_lr()
-            loss = self.train_step()
+            step_loss = self.train_step()
+            if step_loss is None:  # every micro-batch skipped: nothing changed, draw the next ones
+                continue
+            loss = step_loss
             step = self.opt.step_count
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps or step == start + 1 or self._eval_due(step):
@@ -144,7 +180,8 @@ class Trainer:
                 tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, self.tokens_seen
                 record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                          "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device)}
+                          "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device),
+                          "skips": self.guard.skips}
                 if self._eval_due(step):
                     record.update(self.evaluate())
                     self.last_eval = record
@@ -155,6 +192,7 @@ class Trainer:
                 self.save()
         bar.close()
         self.save()
+        self.metrics.close()
         return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
 
     def _eval_due(self, step: int) -> bool:

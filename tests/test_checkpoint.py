@@ -127,6 +127,9 @@ VARIANTS = {
                                   optim__float_optim="adam8bit", optim__update_proj_gap=2),
     "float-apollo_mini": dict(model__weight_quant=False, optim__update_proj_gap=2),
     "float-adamw": dict(model__weight_quant=False, optim__name="adamw"),
+    # accumulation resumes too: exact (gradients held across micro-batches) and lagged (lagged scale state)
+    "int8-exact-accum2": dict(train__grad_accum_steps=2, optim__update_proj_gap=2),
+    "int8-lagged-accum2": dict(train__grad_accum_steps=2, train__accum_mode="lagged", optim__update_proj_gap=2),
 }
 
 

@@ -69,6 +69,21 @@ def test_channel_wise_coef_and_weight_decay_identical(side):
     assert_identical(ref, fus)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_flag_identical(keep):
+    """keep (a non-finite gradient's device flag) returns the old codes, scales and zeros untouched."""
+    (c, s, z), grad = make((172, 64))
+    if keep:
+        grad[3, 5] = float("nan")
+    outs = []
+    for fn in (quant.update_quantized_, fused.update_quantized_):
+        t = [c.clone(), s.clone(), z.clone()]
+        fn(*t, 128, grad, torch.tensor(0.0 if keep else -4e-3), stochastic=True, seed=9, keep=torch.tensor(keep))
+        outs.append(t)
+    assert_identical(*outs)
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], (c, s, z))) == keep
+
+
 def test_bf16_gradient_identical():
     ref, fus = both((172, 64), torch.tensor(-4e-3), grad_dtype=torch.bfloat16)
     assert_identical(ref, fus)
@@ -104,7 +119,8 @@ def test_update_allocates_no_matrix_sized_buffer():
     (c, s, z), grad = make(shape)
     torch._dynamo.reset()  # generate the code here, not from the cache of an earlier test
     f = fused._compiled(fused._update_inplace)
-    _, code = run_and_get_code(f, c, s, z, grad, torch.tensor(-1e-3), None, torch.tensor(7), 128, True)
+    _, code = run_and_get_code(f, c, s, z, grad, torch.tensor(-1e-3), None, torch.tensor(7), 128, True,
+                               torch.tensor(False))
     call = code[0][code[0].index("def call("):]
     sizes = [eval(m) for m in re.findall(r"empty_strided_\w+\((\([^)]*\))", call)]
     assert sizes, "no buffer allocations found: has the generated code's format changed?"
