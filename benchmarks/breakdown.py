@@ -11,7 +11,8 @@ tokens/s and (CUDA) the peak memory beside the planner's; then `--steps` instrum
 (medians, seconds):
 
     forward_s       the model and the loss, up to the loss value
-    backward_s      loss.backward(), *including* the optimizer updates that run inside it
+    backward_s      loss.backward(), *including* the optimizer updates that run inside it, and the
+                    trainer's read of the non-finite-gradient flags after it
     optimizer_s     those updates, all tensors; of which
       apollo_s        APOLLO's multiplier of the int8 matrices (projection, moments, norms, limiter)
       int8_update_s   dequantize → add → requantize of the int8 matrices (compiled or eager path)
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
         c1 = mark()
         rec.setdefault("first_loss", loss.item())  # the trainer reads the loss here too (a sync)
         loss.backward()
+        opt.after_backward()  # the trainer's one read of the non-finite flags (a sync)
         c2 = mark()
         try:
             opt.end_step(check=check)

@@ -145,6 +145,7 @@ def train(cfg, fused_on: bool, steps=3, ckpt=False, in_thread=False, device="cpu
                 opt.begin_step(check=i == 0)  # step 1 runs the startup guard (counts the changes)
                 loss = model(input_ids=x, labels=x).loss
                 loss.backward()  # the int8 updates run inside this backward
+                opt.after_backward()
                 opt.end_step(check=i == 0)
             losses.append(loss.item())
         # the compiled code really ran (no silent eager fallback): per matrix one update and a
