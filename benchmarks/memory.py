@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     B, T = cfg.train.batch_size, cfg.train.seq_len
     use_counter = dev.type == "cpu" and not args.no_counter
+    if use_counter and any(m.fused for m in model.modules() if hasattr(m, "fused")):
+        use_counter = False  # torch.compile refuses to run under a TorchDispatchMode such as the counter
+        rec["live_counter"] = "off: compiled int8 kernels (model.fused_update) cannot run under it"
 
     def states():
         out = []

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """CPU step time of LLaMA-60M: Q-APOLLO-Mini (int8 + SR) vs fp32 torch AdamW, in one process.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py [--steps 6] [--batch 8] [--seq 256] [--profile]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py [--steps 6] [--batch 8] [--seq 256] [--fused] [--profile]
 
-Both models are built once; steps alternate between the two methods (so background load hits both
-alike) and the median of the steps after warm-up is compared. Prints one JSON line with the ratio.
+The models are built once; steps alternate between the methods (so background load hits all alike)
+and the median of the steps after warm-up is compared. Prints one JSON line with the ratio.
+The int8 model runs the default CPU path (model.fused_update=auto: the eager reference); --fused adds
+a third model with the compiled kernels (model.fused_update=true; its warm-up step includes compiling).
 --profile adds the top ops of one int8 step (torch.profiler, CPU self time).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--group", type=int, default=128, help="int8 group size (the paper's 128)")
+    ap.add_argument("--fused", action="store_true", help="also time the int8 model with the compiled kernels")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
 
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
               "train.device=cpu", "model.dtype=float32"]
     methods = {"q_apollo_mini_int8": common,
                "adamw_fp32": common + ["model.weight_quant=false", "optim.name=adamw"]}
+    if args.fused:
+        methods["q_apollo_mini_int8_fused"] = common + ["model.fused_update=true"]
     runs = {}
     for name, over in methods.items():
         cfg = load_config(args.config, over)
@@ -71,6 +76,8 @@ def main(argv=None) -> int:
            "median_step_s": {n: round(v, 3) for n, v in med.items()},
            "step_times_s": {n: [round(t, 3) for t in v] for n, v in times.items()},
            "ratio_int8_over_adamw": round(med["q_apollo_mini_int8"] / med["adamw_fp32"], 3)}
+    if args.fused:
+        rec["ratio_int8_fused_over_adamw"] = round(med["q_apollo_mini_int8_fused"] / med["adamw_fp32"], 3)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -21,8 +21,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .metrics import MetricsError
     from .textfiles import DataError
     from .train import TrainError
-    return (ConfigError, UpdateCheckError, TrainError, MetricsError, FileNotFoundError, DataError, CheckpointError,
-            ExportError)
+    from .fused import FusedUnavailable
+    return (ConfigError, UpdateCheckError, TrainError, MetricsError, FusedUnavailable, FileNotFoundError, DataError,
+            CheckpointError, ExportError)
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:

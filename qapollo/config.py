@@ -47,6 +47,9 @@ class ModelConfig:
     group_size: int = 128
     stochastic_round: bool = True
     activation_checkpointing: bool = False
+    # int8 dequantize/update as torch.compile'd whole-matrix kernels (qapollo/fused.py) or the eager
+    # row-chunk reference: auto = compiled on CUDA (when Triton is installed), eager on CPU
+    fused_update: bool | str = "auto"
     # dtype of float params (embeddings, norms, lm_head) and of compute: auto = bf16 on CUDA, fp32 on CPU
     dtype: str = "auto"
 
@@ -301,6 +304,7 @@ def validate(cfg: Config) -> None:
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _validate_shape(m, need)
+    need(m.fused_update in (True, False, "auto"), f"model.fused_update must be auto, true or false, got '{m.fused_update}'")
     need(m.dtype in ("auto", "float32", "bfloat16", "float16"), f"model.dtype must be auto/float32/bfloat16/float16, got '{m.dtype}'")
     if m.weight_quant:
         # groups may span rows (1376 x 512 with group 128): each matrix's size must divide, not its rows

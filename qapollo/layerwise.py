@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from . import quant
+from . import fused, quant
 from .model import Int8Linear, int8_modules, matrix_names, tensor_seed
 from .optim import apollo
 
@@ -69,6 +69,8 @@ class ApolloUpdater:
         self.shape = tuple(shape)
         device = target.weight_codes.device if isinstance(target, Int8Linear) else target.device
         self.state = apollo.init_state(self.shape, ocfg.rank, tensor_seed(seed, "proj:" + name), device)
+        # the compiled whole-matrix kernel or the eager row-chunk reference (model.fused_update)
+        self._update_int8 = fused.update_quantized_ if getattr(target, "fused", False) else quant.update_quantized_
 
     def _hparams(self) -> dict:
         o = self.o
@@ -94,34 +96,30 @@ class ApolloUpdater:
         return f"{st['step']}:{st['r_count']}" if self.lagged else str(st["step"])
 
     def _apply(self, grad: torch.Tensor, c: torch.Tensor, lr: float, count_changes: bool) -> int:
-        alpha = math.sqrt(self.o.scale)
+        # W ← (W + coef⊙G)·decay with coef = -lr·√scale·c and decay = 1 - lr·wd (decoupled weight decay on
+        # the updated weight, as in the reference). Both stay on the device: no host sync, and the compiled
+        # kernel takes them as tensors (a Python float would recompile it every step).
+        coef = c * (-lr * math.sqrt(self.o.scale))  # c is fp32 (fp64 for fp64 gradients)
         wd = self.o.weight_decay
-
-        def delta(rows: slice, w: torch.Tensor) -> torch.Tensor:
-            cr = c[rows] if c.dim() and c.shape[0] > 1 else c
-            d = grad[rows].float().mul_(cr).mul_(-lr * alpha)
-            # c is 0 for a non-finite gradient; 0·inf = nan, so clear those too: nothing reaches the weight
-            torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
-            if wd:
-                # decoupled weight decay on the updated weight, as in the reference
-                d.add_(w + d, alpha=-lr * wd)
-            return d
-
+        decay = torch.full((), 1.0 - lr * wd, device=grad.device) if wd else None
         if isinstance(self.target, Int8Linear):
             t = self.target
-            gen = None
-            if self.stochastic:
-                # Rounding noise is a function of (seed, tensor, step): reproducible, order-independent,
-                # and nothing to save for resume.
-                gen = torch.Generator(device=t.weight_codes.device)
-                gen.manual_seed(tensor_seed(self.sr_seed, self._noise_key()))
-            return quant.update_quantized_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, delta,
-                                           self.stochastic, gen, count_changes, keep=~self.finite)
+            # Rounding noise is a function of (seed, tensor, step, element): reproducible, order- and
+            # device-independent, nothing to save for resume (quant.sr_noise). A non-finite gradient
+            # (c = 0, the flag false) leaves codes, scales and zeros as they were (keep).
+            return self._update_int8(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad,
+                                     coef.float(), decay, stochastic=self.stochastic,
+                                     seed=tensor_seed(self.sr_seed, self._noise_key()),
+                                     count_changes=count_changes, keep=~self.finite)
         p = self.target
         before = p.detach().clone() if count_changes else None
         with torch.no_grad():
-            new = p.float()
-            new += delta(slice(None), new)
+            d = grad.to(coef.dtype) * coef
+            # c is 0 for a non-finite gradient; 0·inf = nan, so clear those too: nothing reaches the weight
+            torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+            new = p.to(coef.dtype) + d  # a new tensor: p stays as it was until the select below
+            if decay is not None:
+                new *= decay
             p.copy_(torch.where(self.finite, new.to(p.dtype), p))
         return int((p != before).sum()) if count_changes else 0
 

@@ -8,8 +8,9 @@ phases on top of it:
               its gradient: 12·N·V bytes at the backward's start; chunked loss: a few MiB)
     head      saved activations + lm_head's weight gradient + its optimizer update (+ the first step's
               copy for the startup guard)
-    layer     activations + the largest matrix's backward (dequantized fp32 temporaries 8·m·n bytes,
-              or its weight gradient + the chunked requantization buffers) + activation gradients
+    layer     activations + the largest matrix's backward (its dequantized copy, or its weight gradient
+              + the update's buffers: row chunks in the eager path, none in the compiled one) +
+              activation gradients; step 1 adds the startup guard's copy of the codes (compiled path)
     embed     the embedding's dense gradient + its optimizer update
 
 N = batch·seq tokens, V vocab, h hidden, I intermediate, s bytes of the compute dtype (bf16 on CUDA,
@@ -35,6 +36,9 @@ import weakref
 
 import torch
 
+from . import quant
+from .fused import wanted
+
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = int(0.4 * GiB)
@@ -45,7 +49,12 @@ CUBLAS_WORKSPACE_BYTES = 2 * 32 * MiB
 CPU_PROCESS_BYTES = int(0.45 * GiB)  # python + torch + transformers + bitsandbytes, before any tensor
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
-UPDATE_CHUNK_ELEMS = 1 << 22  # quant.update_quantized_ row chunks
+# Bytes per element of a row chunk of the eager int8 path (quant.py; LiveTensorCounter on CPU): the
+# update's fp32 weight, its fp32 rounding input and the int64 noise counters (29 B), the dequantize's
+# fp32 temporaries into a bf16 output (8 B). The compiled path (fused.py) has none: whole matrix, no
+# fp32 copy.
+UPDATE_CHUNK_BYTES = 29
+DEQUANT_CHUNK_BYTES = 8
 FLOAT_CHUNK_ELEMS = 1 << 22  # layerwise.TorchAdamUpdater.CHUNK_ELEMS (float tensors' optimizer chunks)
 LOSS_CHUNK_ELEMS = 1 << 22  # loss.py: N·chunk elements of logits at a time
 
@@ -93,6 +102,22 @@ def _float_optim_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[int
         return state, transient
     # torch AdamW: exp_avg and exp_avg_sq like the param; sqrt and denominator temporaries (per chunk)
     return 2 * s * n, 2 * s * min(n, FLOAT_CHUNK_ELEMS)
+
+
+def _int8_transients(s: int, mn: int, device_type: str, fused: bool) -> tuple[int, int, int]:
+    """(dequantize, update, extra for the step-1 startup guard) transient bytes of an m·n int8 matrix.
+
+    Eager: row chunks of quant.chunk_elems(device) elements (CPU 256K, CUDA 8M); on CPU with bf16 an
+    fp32 copy of the whole gradient (4 B/elem) exists at some point of the update, not at the same time
+    as the chunk buffers (tests/test_memory.py: their sum over-predicted by 15 %). Compiled: the
+    s-byte output / the gradient only; the guard copies the old codes (1 B/elem) and compares them in
+    4M-element chunks (bool mask + CUDA's int64 sum)."""
+    if fused:
+        return s * mn, s * mn, mn + (1 + 8) * min(mn, 1 << 22)
+    chunk = min(mn, quant.chunk_elems(device_type))
+    upcast = 4 * mn if (s != 4 and device_type != "cuda") else 0
+    dequant = 8 * mn if s == 4 else s * mn + DEQUANT_CHUNK_BYTES * chunk  # fp32: whole (output + a temporary)
+    return dequant, s * mn + max(UPDATE_CHUNK_BYTES * chunk, upcast), 0
 
 
 def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None) -> dict:
@@ -187,12 +212,11 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         return max(s * V * h, transient) if acc else s * V * h + transient
     phases["head"] = acts + s * N * h + grad_then_update(max(head_t, 0))
     phases["head (step 1)"] = phases["head"] + (0 if tied else clone) - fstate[0][0]
-    # one decoder layer's backward: the largest matrix dequantized (fp32: whole, 8 bytes/elem of
-    # temporaries; bf16: chunk by chunk into a 2-byte output, quant.dequantize_chunked) or its weight
-    # gradient plus the fp32 row-chunk update buffers, over ~3 activation gradients
-    dequant_t = 8 * mn_max if s == 4 else s * mn_max + 12 * min(mn_max, UPDATE_CHUNK_ELEMS)
+    # one decoder layer's backward: the largest matrix dequantized (into an s-byte output) or its weight
+    # gradient plus the update's buffers, over ~3 activation gradients
+    guard_t = 0
     if m.weight_quant:
-        upd = s * mn_max + 5 * 4 * min(mn_max, UPDATE_CHUNK_ELEMS) + (4 * mn_max if (s != 4 and device_type != "cuda") else 0)
+        dequant_t, upd, guard_t = _int8_transients(s, mn_max, device_type, wanted(m.fused_update, device_type))
         mat_t = max(dequant_t, upd)
     elif o.name == "adamw":
         mat_t = s * mn_max + 2 * s * mn_max
@@ -205,6 +229,8 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         phases["layer"] = c_act_ckpt + per_layer + grads + mat_t
     else:
         phases["layer"] = c_act_full + grads + mat_t
+    if first_check and guard_t:
+        phases["layer (step 1)"] = phases["layer"] + guard_t
     # tied: lm_head's gradient is still held when the embedding's arrives (one tensor, one update)
     phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t) + \
         (s * V * h if tied and not acc else 0)

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from . import quant
+from . import fused, quant
 
 PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,13 +72,15 @@ class Int8Linear(nn.Module):
         self.grad_hook = None  # callable(module, grad); None: keep the gradient in .weight_grad
         self.weight_grad = None
         self.param_name = ""
+        self.fused = False  # compiled whole-matrix kernels (fused.py) instead of the eager row chunks
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return quant.dequantize_chunked(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
+        deq = fused.dequantize if self.fused else quant.dequantize_chunked
+        return deq(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     @torch.no_grad()
     def quantize_from_(self, rows_fn) -> None:
@@ -166,8 +168,10 @@ def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: b
     model.to_empty(device=device)  # allocates, does not initialise: done below, tensor by tensor
     if mcfg.tie_word_embeddings:  # to_empty gives lm_head a tensor of its own: share the embedding again
         model.lm_head.weight = model.model.embed_tokens.weight
+    use_fused = fused.resolve(mcfg.fused_update, device) if mcfg.weight_quant else False
     for name, mod in int8_modules(model):
         mod.param_name = name
+        mod.fused = use_fused
     if init:
         _init_weights(model, mcfg.initializer_range, seed, device)
     if dtype != torch.float32:

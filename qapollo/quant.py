@@ -45,20 +45,53 @@ def compute_scale_zero(wg: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torc
     return scale, zero.to(torch.uint8)
 
 
-def round_codes(r: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Round real-valued codes: stochastic floor(r + u), u ~ U[0,1) (unbiased: E = r), or to nearest."""
+# Stochastic-rounding noise: a counter-based hash of (key, element index), pure integer torch ops.
+# The same (key, index) gives the same noise on every device, in every chunking, eager or compiled
+# (torch.compile fuses it into the update kernel; an explicit torch.Generator would not fuse), and
+# there is no generator state to save for resume. The mixing function is Chris Wellons' "lowbias32"
+# on int64 values kept in [0, 2^32): the second multiplier is taken as its negative 32-bit twin, so
+# no product leaves int64 and masking gives the exact 32-bit result.
+_M32 = 0xFFFFFFFF
+_MIX_A = 0x7FEB352D
+_MIX_B = 0x846CA68B - (1 << 32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """In place on int64 values in [0, 2^32): a bijective 32-bit hash."""
+    x ^= x >> 16  # `>>` with a Python int: ATen's fast scalar path (bitwise_right_shift(x, 16) is ~5x slower)
+    x.mul_(_MIX_A).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(_MIX_B).bitwise_and_(_M32)
+    x ^= x >> 16
+    return x
+
+
+def sr_noise(shape, start, device) -> torch.Tensor:
+    """U[0,1) fp32 noise (24 bits) for elements start, start+1, ... of a row-major block.
+
+    `start` = key + index of the block's first element (int, or 0-d int64 tensor); only its low 32 bits
+    and the element offsets matter, so the key is a per-(tensor, step) 32-bit value."""
+    n = math.prod(shape)
+    if isinstance(start, int) and 0 <= start and start + n <= 1 << 32:  # eager: no wrap, one pass fewer
+        x = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    else:
+        x = torch.arange(n, dtype=torch.int64, device=device).add_(start).bitwise_and_(_M32)
+    return (_mix32_(x) >> 8).to(torch.float32).mul_(2.0 ** -24).reshape(shape)
+
+
+def round_codes(r: torch.Tensor, stochastic: bool, noise_start=0) -> torch.Tensor:
+    """In place: round real-valued codes, stochastic floor(r + u), u = sr_noise (unbiased: E = r), or to nearest."""
     if stochastic:
-        u = torch.rand(r.shape, generator=generator, device=r.device, dtype=torch.float32)
-        return torch.floor(r.add_(u))
-    return torch.round(r)
+        return r.add_(sr_noise(r.shape, noise_start, r.device)).floor_()
+    return r.round_()
 
 
-def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool = False,
-                    generator: torch.Generator | None = None):
+def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool = False, noise_start=0):
     """Quantize fp32 groups (G, g) → (codes uint8 (G, g), scale (G,), zero uint8 (G,))."""
     scale, zero = compute_scale_zero(wg, scale_dtype)
-    r = wg / scale.float()[:, None] + zero.float()[:, None]
-    codes = round_codes(r, stochastic, generator).clamp_(0, 255).to(torch.uint8)
+    r = wg / scale.float()[:, None]
+    r += zero.float()[:, None]
+    codes = round_codes(r, stochastic, noise_start).clamp_(0, 255).to(torch.uint8)
     return codes, scale, zero
 
 
@@ -70,10 +103,10 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 def quantize(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32,
-             stochastic: bool = False, generator: torch.Generator | None = None):
+             stochastic: bool = False, noise_start=0):
     """Quantize an (out, in) float matrix. Returns codes (out, in) uint8, scale (G,), zero (G,) uint8."""
     wg = group_view(w.float(), group_size)
-    codes, scale, zero = quantize_groups(wg, scale_dtype, stochastic, generator)
+    codes, scale, zero = quantize_groups(wg, scale_dtype, stochastic, noise_start)
     return codes.reshape(w.shape), scale, zero
 
 
@@ -82,8 +115,21 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     return dequantize_groups(group_view(codes, group_size), scale, zero, dtype).reshape(codes.shape)
 
 
+# Row chunks of the eager (reference) path, per device. CPU: 256K elements, so a chunk's fp32/int64
+# temporaries (≈ 1-2 MiB each) stay in the caches across the dozen elementwise passes of an update.
+# CUDA (the fallback when model.fused_update=false or Triton is missing): 8M elements, half a 4096²
+# matrix per chunk, so each pass is a large kernel rather than hundreds of small ones, at 29 B/element
+# of transient (232 MiB; memory.py).
+CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 23}
+
+
+def chunk_elems(device) -> int:
+    """Elements per row chunk of the eager update/dequantize on `device` (a torch.device or type name)."""
+    return CHUNK_ELEMS.get(torch.device(device).type, CHUNK_ELEMS["cuda"])
+
+
 def rows_per_chunk(shape: tuple[int, int], group_size: int = 1, max_elems: int = 1 << 22) -> int:
-    """Rows of an (out, in) matrix processed at once, so fp32 transients stay ≤ max_elems (16 MB).
+    """Rows of an (out, in) matrix processed at once, so transients stay ≈ max_elems elements.
 
     A multiple of g / gcd(in, g) rows, so every chunk holds whole groups."""
     unit = group_size // math.gcd(shape[1], group_size)
@@ -100,43 +146,85 @@ def row_chunks(shape: tuple[int, int], group_size: int, max_elems: int = 1 << 22
 
 
 def dequantize_chunked(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                       dtype: torch.dtype, max_elems: int = 1 << 22) -> torch.Tensor:
+                       dtype: torch.dtype, max_elems: int | None = None) -> torch.Tensor:
     """dequantize() into a `dtype` tensor chunk by chunk: the fp32 intermediates of the whole matrix
-    (8 bytes per weight) never exist, only the output (2 bytes per weight in bf16)."""
+    (8 bytes per weight) never exist, only the output (2 bytes per weight in bf16). An fp32 output is
+    made whole: chunks would only add a copy (measured slower on the CPU) for 4 of the 8 bytes."""
     if dtype == torch.float32:
         return dequantize(codes, scale, zero, group_size)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems):
+    for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems or chunk_elems(codes.device)):
         out[rows] = dequantize(codes[rows], scale[gs], zero[gs], group_size, dtype)
     return out
 
 
+def update_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grad: torch.Tensor,
+                  coef: torch.Tensor, decay: torch.Tensor | None, noise_start, group_size: int,
+                  stochastic: bool, keep: torch.Tensor | None = None):
+    """The update of a block of whole groups: requant((dequant(W) + coef·G) · decay).
+
+    codes (r, n) uint8 and the scale/zero of its r·n/g groups; grad (r, n) in any float dtype; coef
+    fp32, 0-d (tensor-wise) or (r, 1) / (1, n) (channel-wise); decay None or a 0-d fp32 factor
+    (decoupled weight decay on the updated weight); noise_start: sr_noise's start for the block's first
+    element; keep None or a 0-d bool: where True the old block comes back unchanged (a non-finite
+    gradient, whose NaNs never get past this select). Returns new (codes (r, n), scale, zero). Pure
+    torch: the eager reference below and the compiled kernel (fused.py) run this same code, so they do
+    the same fp32 arithmetic.
+    """
+    w = dequantize_groups(group_view(codes, group_size), scale, zero)
+    w += (grad.float() * coef).reshape(w.shape)
+    if decay is not None:
+        w *= decay
+    nc, ns, nz = quantize_groups(w, scale.dtype, stochastic, noise_start)
+    nc = nc.reshape(codes.shape)
+    if keep is not None:
+        nc, ns, nz = torch.where(keep, codes, nc), torch.where(keep, scale, ns), torch.where(keep, zero, nz)
+    return nc, ns, nz
+
+
+def noise_key(seed: int) -> int:
+    """The 31 bits of a (tensor, step) seed that sr_noise uses as its start (with the element indices
+    of a matrix below 2^31 added, the eager path never wraps)."""
+    return seed & 0x7FFFFFFF
+
+
+def changes(old: tuple, new: tuple) -> torch.Tensor:
+    """How many codes, scales or zero points differ between two (codes, scale, zero) blocks (0-d int64).
+    A scale counts when it moved by more than fp32 noise."""
+    (oc, os_, oz), (nc, ns, nz) = old, new
+    moved = (ns.float() - os_.float()).abs() > _SCALE_TOL * os_.float()
+    return (nc != oc).sum() + moved.sum() + (nz != oz).sum()
+
+
+def _coef_rows(coef: torch.Tensor, rows: slice) -> torch.Tensor:
+    return coef[rows] if coef.dim() and coef.shape[0] != 1 else coef
+
+
 @torch.no_grad()
 def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                      delta_fn, stochastic: bool, generator: torch.Generator | None,
-                      count_changes: bool = False, max_elems: int = 1 << 22,
-                      keep: torch.Tensor | None = None) -> int:
-    """In place: W ← requant(dequant(W) + delta_fn(rows, W_rows)), row chunk by row chunk.
+                      grad: torch.Tensor, coef: torch.Tensor, decay: torch.Tensor | None = None, *,
+                      stochastic: bool, seed: int = 0, count_changes: bool = False,
+                      max_elems: int | None = None, keep: torch.Tensor | None = None) -> int:
+    """In place: W ← requant((dequant(W) + coef·grad) · decay), row chunk by row chunk (eager reference).
 
-    delta_fn(row_slice, w_rows_fp32) returns the fp32 change of those rows. Chunking keeps the fp32
-    transient small (the largest 7B matrix would be 180 MB at once). With count_changes, returns how
-    many codes, scales or zero points changed (the startup guard's proof that the write happened; it
-    costs a device sync, so it is off in the steady state); else 0. `keep`, a 0-d bool tensor on the
-    device, keeps the old codes/scales/zeros bit for bit where True (a non-finite gradient: even a zero
-    update would requantize) without a host sync.
+    coef: 0-d or per-row (m, 1) / per-column (1, n) fp32 multiplier (e.g. -lr·√scale·c of APOLLO);
+    decay: None or 0-d (1 - lr·wd). seed: the (tensor, step) rounding key (noise_key). Chunks bound the
+    fp32 transients (chunk_elems per device); the noise is indexed by the element's place in the whole
+    matrix, so any chunking gives the same result. With count_changes, returns how many codes, scales
+    or zero points changed (the startup guard's proof that the write happened; it costs a device sync,
+    so it is off in the steady state); else 0. `keep`, a 0-d bool tensor on the device, keeps the old
+    codes/scales/zeros bit for bit where True (a non-finite gradient: even a zero update would
+    requantize) without a host sync.
     """
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)
-    for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems):
+    n = codes.shape[1]
+    for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems or chunk_elems(codes.device)):
         c = codes[rows]
-        w = dequantize(c, scale[gs], zero[gs], group_size)
-        w += delta_fn(rows, w)
-        nc, ns, nz = quantize(w, group_size, scale.dtype, stochastic, generator)
-        if keep is not None:
-            nc, ns, nz = torch.where(keep, c, nc), torch.where(keep, scale[gs], ns), torch.where(keep, zero[gs], nz)
+        new = update_groups(c, scale[gs], zero[gs], grad[rows], _coef_rows(coef, rows), decay,
+                            noise_key(seed) + rows.start * n, group_size, stochastic, keep)
         if count_changes:
-            moved = (ns.float() - scale[gs].float()).abs() > _SCALE_TOL * scale[gs].float()
-            changed += (nc != c).sum() + moved.sum() + (nz != zero[gs]).sum()
-        c.copy_(nc)
-        scale[gs] = ns
-        zero[gs] = nz
+            changed += changes((c, scale[gs], zero[gs]), new)
+        c.copy_(new[0])
+        scale[gs] = new[1]
+        zero[gs] = new[2]
     return int(changed) if count_changes else 0

@@ -9,9 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, tmp_path, timeout=600):
+def run(args, tmp_path, timeout=600, env=None):
     env = dict(os.environ, QAPOLLO_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS="2")
+               OMP_NUM_THREADS="2", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "run_7b.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -42,12 +42,24 @@ def test_20m_config_trains_on_the_shipped_corpus(tmp_path):
     (["--config", "nope.yaml"], "config file 'nope.yaml' not found"),
     (["data.path=missing/*.txt"], "missing"),
     (["model.vocab_size=1000"], "vocab_size"),
+    (["model.fused_update=maybe"], "model.fused_update must be auto, true or false"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, needle):
     base = ["--config", os.path.join(ROOT, "configs", "llama_20m.yaml")]
     if args[0] == "--config":
         base = []
-    r = run(base + args + ["train.output_dir=out"], tmp_path, timeout=300)
+    assert_one_clear_line(run(base + args + ["train.output_dir=out"], tmp_path, timeout=300), needle, tmp_path)
+
+
+def test_compiled_kernels_without_a_compiler_is_one_clear_line(tmp_path):
+    """model.fused_update=true where torch.compile cannot build kernels (no C++ compiler on PATH)."""
+    r = run(["--config", os.path.join(ROOT, "configs", "llama_20m.yaml"), "model.fused_update=true",
+             "train.batch_size=1", "train.seq_len=32", "train.output_dir=out"], tmp_path, timeout=300, env={"PATH": ""})
+    assert_one_clear_line(r, "model.fused_update=true but compiled kernels are unavailable on cpu: no C++ compiler "
+                             "found (install g++); set model.fused_update=auto or false", tmp_path)
+
+
+def assert_one_clear_line(r, needle, tmp_path):
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.stderr[-1500:]

@@ -14,9 +14,8 @@ def run(stochastic: bool, steps: int = 60, frac: float = 0.1):
     delta = frac * step_size  # a tenth of a quantization step per update
     # A sign pattern so that the group ranges stay put: half the elements go up, half down.
     sign = torch.where(torch.arange(128) % 2 == 0, 1.0, -1.0).expand(256, 128)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        quant.update_quantized_(c, s, z, 128, lambda rows, wr: delta * sign[rows], stochastic, g)
+    for step in range(steps):
+        quant.update_quantized_(c, s, z, 128, sign, torch.tensor(delta), stochastic=stochastic, seed=step)
     end = quant.dequantize(c, s, z, 128)
     moved = ((end - start) * sign).mean().item()  # realised movement along the update direction
     return moved, steps * delta, step_size
