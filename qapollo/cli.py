@@ -17,13 +17,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .export import ExportError
+    from .distributed import DistributedError
     from .layerwise import UpdateCheckError
     from .metrics import MetricsError
     from .textfiles import DataError
     from .train import TrainError
     from .fused import FusedUnavailable
-    return (ConfigError, UpdateCheckError, TrainError, MetricsError, FusedUnavailable, FileNotFoundError, DataError,
-            CheckpointError, ExportError)
+    return (ConfigError, DistributedError, UpdateCheckError, TrainError, MetricsError, FusedUnavailable,
+            FileNotFoundError, DataError, CheckpointError, ExportError)
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:
@@ -34,6 +35,7 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005 train.max_steps=200")
     args = ap.parse_args(argv)
     from .config import load_config
+    from .distributed import is_main
     from .train import train
     overrides = list(args.overrides)
     if args.resume:
@@ -41,7 +43,8 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     cfg = load_config(args.config, overrides)
     result = train(cfg, progress=not args.no_progress)
     loss = "" if math.isnan(result["loss"]) else f", loss {result['loss']:.4f}"  # nan: no step ran
-    print(f"done: step {result['step']}{loss}, tokens {result['tokens']}")
+    if is_main():  # torchrun: rank 0 reports for all
+        print(f"done: step {result['step']}{loss}, tokens {result['tokens']}")
     return 0
 
 

@@ -101,6 +101,9 @@ class TrainConfig:
     spike_sigma: float = 6.0
     spike_window: int = 128
     max_skips_in_row: int = 20
+    # several ranks (torchrun): compare a checksum of every weight across ranks every N steps and before
+    # each save; a mismatch stops the run naming the tensor. 0: never
+    replica_check_every: int = 100
     compile: bool = False
     tensorboard: bool = False  # also write metrics.jsonl's scalars to <run dir>/tb/ (needs `tensorboard`)
 
@@ -335,6 +338,8 @@ def validate(cfg: Config) -> None:
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     _validate_run(cfg, need)
 
+    need(t.replica_check_every >= 0, "train.replica_check_every must be >= 0 (0 turns the replica check off)")
+
 
 def _validate_shape(m: ModelConfig, need) -> None:
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -380,8 +385,13 @@ ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_l
              "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "train.batch_size", "train.seq_len")
 
 
+def flat_dict(cfg: Config) -> dict:
+    """{"section.key": value} of every key of every section."""
+    return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
 def arch_dict(cfg: Config) -> dict:
-    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+    flat = flat_dict(cfg)
     return {k: flat[k] for k in ARCH_KEYS}
 
 

@@ -241,10 +241,18 @@ class BlockLoader:
 
     Position counts blocks into the current epoch's permutation, so a batch that crosses an epoch
     end takes the rest of this epoch and the start of the next: no block is skipped or repeated.
+
+    With `world_size` ranks, each draw takes the next world_size·batch_size blocks (the global batch) and
+    rank r keeps rows r·batch_size … (r+1)·batch_size: disjoint shards whose union is exactly what one
+    process with batch world_size·batch_size reads. The cursor is global (the same on every rank), so a
+    checkpoint resumes with any number of ranks: the block order stays the same, only its grouping into
+    steps changes.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, key: str):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, key: str,
+                 rank: int = 0, world_size: int = 1):
         self.seq_len, self.batch_size, self.seed, self.key = seq_len, batch_size, seed, key
+        self.rank, self.world_size = rank, world_size
         self.n_blocks = len(tokens) // seq_len
         self.blocks = tokens[: self.n_blocks * seq_len].reshape(self.n_blocks, seq_len)
         self.tokens_per_epoch = self.n_blocks * seq_len
@@ -261,15 +269,16 @@ class BlockLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        parts, n = [], 0
-        while n < self.batch_size:
+        parts, n, want = [], 0, self.batch_size * self.world_size
+        while n < want:
             if self.position == self.n_blocks:
                 self.epoch, self.position = self.epoch + 1, 0
-            take = min(self.batch_size - n, self.n_blocks - self.position)
+            take = min(want - n, self.n_blocks - self.position)
             parts.append(self._order()[self.position : self.position + take])
             self.position += take
             n += take
         idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        idx = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]  # this rank's shard
         return torch.from_numpy(self.blocks[idx].astype(np.int64))
 
     def state_dict(self) -> dict:
@@ -313,8 +322,8 @@ class Data:
 
 
 def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536,
-               tokenizer: Tokenizer | None = None) -> Data:
-    """Tokenize (or find in the cache) the configured source and return loaders over it.
+               tokenizer: Tokenizer | None = None, rank: int = 0, world_size: int = 1) -> Data:
+    """Tokenize (or find in the cache) the configured source and return loaders over it (rank's shard).
 
     `tokenizer`: one already loaded from cfg.tokenizer (the trainer checks it before anything is tokenized).
     """
@@ -351,10 +360,11 @@ def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: i
                             f"validation; add data or lower eval.tokens well below {len(train)}")
         train, val = train[: len(train) - n_hold], train[len(train) - n_hold :]
         held_out = f"last {n_hold} train tokens"
-    loader = BlockLoader(train, seq_len, batch_size, seed, key)
-    if loader.n_blocks < batch_size:
+    loader = BlockLoader(train, seq_len, batch_size, seed, key, rank, world_size)
+    if loader.n_blocks < batch_size * world_size:
+        what = f"{batch_size}" if world_size == 1 else f"{world_size} ranks × {batch_size}"
         raise DataError(f"{src.desc} has {len(train)} train tokens = {loader.n_blocks} blocks of seq_len {seq_len}, fewer "
-                        f"than one batch of {batch_size}; add data or lower train.batch_size / train.seq_len")
+                        f"than one batch of {what}; add data or lower train.batch_size / train.seq_len")
     info = {"source": src.desc, "tokenizer": tok.name_or_path, "vocab_size": tok.vocab_size,
             "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)), "validation": held_out,
             "train_blocks": loader.n_blocks, "cache_dir": final, "cache_hit": hit, "cache_build_s": round(build_s, 2)}

@@ -17,6 +17,11 @@ Gradient accumulation (K micro-batches per optimizer step), two modes:
     keep only the projected gradient (optim/apollo.py); float tensors (embeddings, norms, lm_head)
     accumulate as in exact mode. Resident extra: the float tensors' gradients (0.49 GiB at 7B in bf16).
 
+Data parallel (distributed.py): every gradient is averaged over the ranks before its update, so every
+rank applies the same one. In exact mode that is one all-reduce per tensor per optimizer step (on the
+accumulated gradient); in lagged mode the matrices update on every micro-batch, so their micro-batch
+gradients are averaged each time (K all-reduces per step), the float tensors' once.
+
 Non-finite gradients never reach a weight: APOLLO's multiplier is zeroed on device (no host sync per
 tensor), a float tensor's update is skipped; `after_backward` reads the flags once and names the tensor.
 """
@@ -220,8 +225,11 @@ class LayerwiseOptimizer:
     """
 
     def __init__(self, model: nn.Module, ocfg, max_steps: int, seed: int = 0, stochastic_round: bool = True,
-                 accum_mode: str = "exact"):
+                 accum_mode: str = "exact", reducer=None):
         self.model, self.o, self.max_steps = model, ocfg, max_steps
+        # data parallel (distributed.GradAverager): every gradient is averaged over the ranks before its
+        # update; None in a single process
+        self.reducer = reducer
         self.step_count = 0  # optimizer steps done
         self.updaters: dict[str, object] = {}
         self.lr = 0.0
@@ -288,6 +296,14 @@ class LayerwiseOptimizer:
         return hook
 
     def _run(self, name: str, grad: torch.Tensor) -> None:
+        """The one way into an update: with several ranks the gradient is averaged first (maybe later in
+        backward, at the latest in `after_backward`), so every rank applies the same update."""
+        if self.reducer is None:
+            self._update(name, grad)
+        else:
+            self.reducer.submit(grad, lambda g: self._update(name, g))
+
+    def _update(self, name: str, grad: torch.Tensor) -> None:
         lr = self.lr if name in self._matrices else self.lr * self.float_lr_scale
         upd = self.updaters[name]
         changed = upd.step(grad, lr, self.count_changes)
@@ -323,6 +339,8 @@ class LayerwiseOptimizer:
 
     def after_backward(self) -> None:
         """Call after each micro-batch's backward: one host read of the non-finite flags of its updates."""
+        if self.reducer is not None:
+            self.reducer.drain()  # the last averaged gradients are applied before the flags are read
         self._micro_done += 1
         flags, self._flags = self._flags, []
         on_device = [(n, f) for n, f in flags if torch.is_tensor(f)]

@@ -120,8 +120,9 @@ def _int8_transients(s: int, mn: int, device_type: str, fused: bool) -> tuple[in
     return dequant, s * mn + max(UPDATE_CHUNK_BYTES * chunk, upcast), 0
 
 
-def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None) -> dict:
-    """The memory plan of one training step of `cfg` on `device_type` ('cuda' or 'cpu'); bytes.
+def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None, world_size: int = 1) -> dict:
+    """The memory plan of one training step of `cfg` on `device_type` ('cuda' or 'cpu'); bytes, per rank
+    of `world_size` data-parallel ranks (each holds the whole model: only the all-reduce terms grow).
 
     Returns a dict with the components, each phase's total, 'phase' (the largest), 'peak_bytes'
     (the prediction: max_memory_allocated on CUDA, peak live tensor bytes on CPU), 'context_bytes'
@@ -235,6 +236,9 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t) + \
         (s * V * h if tied and not acc else 0)
     phases["embed (step 1)"] = phases["embed"] + clone
+    dp = _data_parallel_extra(world_size, s, mn_max, V * h, head_t, mat_t, acc, lagged, tied)
+    for k in phases:
+        phases[k] += dp[k.split()[0]]
     phase = max(phases, key=phases.get)
     extra = CUBLAS_WORKSPACE_BYTES if device_type == "cuda" else 0
     peak = persistent + phases[phase] + extra
@@ -248,11 +252,34 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
                               "logits_loss": loss_peak, "float_optim_update": max(head_t, emb_t),
                               "first_step_guard_copy": clone},
         "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
+        "world_size": world_size, "data_parallel_bytes": dp,
+        "tokens_per_step": N * t.grad_accum_steps * world_size,
         "cublas_workspace_bytes": extra,
         "peak_bytes": peak,
         "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
         "rss_bytes": peak + CPU_PROCESS_BYTES if device_type == "cpu" else None,
     }
+
+
+def _data_parallel_extra(world: int, s: int, mn_max: int, head_elems: int, head_t: int, mat_t: int, acc: bool,
+                         lagged: bool, tied: bool) -> dict[str, int]:
+    """Bytes each phase gains per rank with `world` > 1 ranks (distributed.GradAverager).
+
+    The all-reduces run in place on the gradients, so they need no copy, but one large gradient stays in
+    flight while the next is computed, and its update runs then: in a decoder layer's backward that is the
+    previous matrix's gradient (none when exact accumulation keeps them resident anyway) or, in the last
+    layer, lm_head's with its update (none when it accumulates or is tied); in the embedding's phase the
+    last matrix's update runs beside the embedding's gradient. Gradients under SMALL_BYTES wait, packed,
+    in buckets: at most ~3 buckets' worth alive. NCCL's own communication buffers are allocated outside
+    PyTorch (like the CUDA context) and are not in this plan.
+    """
+    if world <= 1:
+        return {"loss": 0, "head": 0, "layer": 0, "embed": 0}
+    from .distributed import GradAverager
+    bucket = 3 * (GradAverager.BUCKET_BYTES + GradAverager.SMALL_BYTES)
+    prev_matrix = 0 if (acc and not lagged) else s * mn_max
+    prev_head = 0 if (acc or tied) else s * head_elems + head_t
+    return {"loss": 0, "head": bucket, "layer": bucket + max(prev_matrix, prev_head), "embed": bucket + mat_t}
 
 
 def one_line(plan: dict, device_name: str = "") -> str:
@@ -272,8 +299,13 @@ def format_plan(plan: dict, budget: int | None = None) -> str:
     rows += [(f"float params ({plan['dtype_bytes']} B/elem: embed, lm_head, norms)", c["float_params"]),
              ("float optimizer states", c["float_optim_states"]),
              ("APOLLO states (M, V, projection)", c["apollo_states"])]
-    out = [f"memory plan ({plan['device_type']}, {plan['tokens']} tokens/step, "
+    out = [f"memory plan ({plan['device_type']}, {plan['tokens']} tokens per micro-batch, "
            f"{'chunked' if plan['chunked_loss'] else 'full-logits'} loss)"]
+    if plan["world_size"] > 1:
+        dp = plan["data_parallel_bytes"]
+        out.append(f"  per GPU of {plan['world_size']} data-parallel ranks ({plan['tokens_per_step']} tokens per "
+                   f"optimizer step); all-reduce in flight + buckets: up to {fmt(max(dp.values()))} "
+                   f"(NCCL's own buffers are extra, outside PyTorch's allocator)")
     out += [f"  {k:<52}{fmt(v):>12}" for k, v in rows]
     out.append(f"  {'= persistent':<52}{fmt(plan['persistent_bytes']):>12}")
     out.append(f"  {'activations, no checkpointing (+ loss saved)':<52}{fmt(plan['activations_full_bytes']):>12}")
@@ -310,22 +342,25 @@ def advice(plan: dict) -> str:
 
 
 def plan_main(argv: list[str]) -> int:
-    from .config import DEFAULT_CONFIG, load_config
+    from .config import DEFAULT_CONFIG, ConfigError, load_config
     ap = argparse.ArgumentParser(prog="qapollo plan", description="Print the memory plan of a run config.")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="YAML run config (default: configs/llama_7b.yaml)")
     ap.add_argument("--budget", default=None, help="memory budget, e.g. 12GiB: say whether the plan fits")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device to plan for (default cuda)")
+    ap.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="plan per GPU of N data-parallel ranks (torchrun --nproc_per_node N; default 1)")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seq_len=2048")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     from .hf_import import plan_shape
     plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
-    plan = predict_peak(cfg, args.device)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of ranks must be >= 1")
+    plan = predict_peak(cfg, args.device, world_size=args.nproc)
     try:
         budget = parse_bytes(args.budget) if args.budget else None
     except ValueError as e:
-        from .config import ConfigError
         raise ConfigError(f"--budget: {e}") from None
     if args.json:
         import json

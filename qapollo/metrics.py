@@ -92,6 +92,19 @@ class MetricsLog:
             f.writelines(keep)
 
 
+class NullMetrics:
+    """The metrics sink of ranks other than 0: one writer per run, so they log nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]

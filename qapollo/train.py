@@ -9,12 +9,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from .config import Config
+from . import distributed
+from .config import Config, flat_dict
 from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
 from .hf_import import load_weights, resolve_init_from
-from .metrics import MetricsLog, peak_mem_bytes, require_tensorboard, rss_bytes
+from .metrics import MetricsLog, NullMetrics, peak_mem_bytes, require_tensorboard, rss_bytes
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
@@ -38,7 +39,9 @@ class Trainer:
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
-        self.device = pick_device(cfg.train.device)
+        # torchrun: one data-parallel replica per process (distributed.py); a no-op in a plain process
+        self.dist = distributed.init(pick_device(cfg.train.device))
+        self.device = self.dist.device
         self.run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
         self.stop_requested = False
         self.tokens_seen = 0
@@ -47,6 +50,11 @@ class Trainer:
         # the step under way, from its first batch until its update is complete: while set, the in-memory
         # state may be half-updated (in-backward updates) and every save refuses it (checkpoint.save)
         self.dirty_step: int | None = None
+        self._checked_at = None  # step of the last replica check
+
+    def _say(self, msg: str) -> None:
+        if self.dist.is_main:  # one writer: rank 0 prints, logs and saves
+            tqdm.write(msg)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -67,28 +75,35 @@ class Trainer:
         check_vocab(tok, cfg.model.vocab_size)
         checkpoint.check_tokenizer(resume_from, tok)
         torch.manual_seed(t.seed)
-        self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
-                               eval_tokens=cfg.eval.tokens, tokenizer=tok)
+        with self.dist.rank_zero_first():  # rank 0 tokenizes into the cache, the others then read it
+            self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
+                                   eval_tokens=cfg.eval.tokens, tokenizer=tok, rank=self.dist.rank,
+                                   world_size=self.dist.world)
         if cfg.eval.every > 0:
             self.data.check_eval_tokens()
+        self.dist.check_same({**flat_dict(cfg), "resume": cfg.resume, "data cache key": self.data.train.key,
+                              "train tokens": self.data.info["n_train_tokens"], "torch": torch.__version__})
         self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
         if init_from is not None:
-            load_weights(self.model, init_from, progress=self.progress)
+            load_weights(self.model, init_from, progress=self.progress and self.dist.is_main)
         self.model.train()
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
-                                      stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode)
+                                      stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode,
+                                      reducer=self.dist.grad_averager())
         self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
-                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None)
+                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None) \
+            if self.dist.is_main else NullMetrics()
         checkpoint.resume(self, resume_from)
+        self._check_replicas(self.opt.step_count)  # same seed, same checkpoint: identical from the start
 
     def _plan_memory(self) -> None:
         """Print the planner's peak; refuse a CUDA run predicted not to fit the device (memory.py)."""
         from .memory import advice, fmt, one_line, predict_peak, tune_cpu_allocator
-        self.plan = plan = predict_peak(self.cfg, self.device.type)
-        tqdm.write(one_line(plan, str(self.device)))
+        self.plan = plan = predict_peak(self.cfg, self.device.type, world_size=self.dist.world)
+        self._say(one_line(plan, str(self.device)))
         if self.device.type == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -110,7 +125,9 @@ class Trainer:
             x = next(self.data.train).to(self.device, non_blocking=True)
             self.opt.begin_step(last_micro=micro == t.grad_accum_steps - 1, check=check)
             loss = causal_lm_loss(self.model, x)  # = model(input_ids=x, labels=x).loss, no full logits
-            loss_val = loss.item()  # a device sync, once per micro-batch: the guard decides before backward
+            # a device sync, once per micro-batch: the guard decides before backward, on the mean over the
+            # ranks, so that every rank takes the same decision (and the guard keeps the same window)
+            loss_val = self.dist.mean(loss)
             reason = self.guard.reason_to_skip(loss_val)
             if reason:
                 del loss  # frees the graph: no backward, no update
@@ -121,7 +138,7 @@ class Trainer:
             self.opt.after_backward()  # raises NonFiniteGradient (no weight took it) naming the tensor
             total += loss_val
             used += 1
-            self.tokens_seen += x.numel()
+            self.tokens_seen += x.numel() * self.dist.world
         if used == 0:
             self.opt.abandon_step()
             return None
@@ -134,7 +151,7 @@ class Trainer:
             raise TrainError(f"{reason} at step {self.opt.step_count + 1}: stopping before the update; lower "
                              f"optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")
         where = f"micro-batch {micro + 1}/{t.grad_accum_steps} of " if t.grad_accum_steps > 1 else ""
-        tqdm.write(f"qapollo: skipped {where}step {self.opt.step_count + 1}: {reason}")
+        self._say(f"qapollo: skipped {where}step {self.opt.step_count + 1}: {reason}")
         if self.guard.skip():
             raise TrainError(f"{self.guard.in_row} micro-batches in a row skipped by the spike guard (last: {reason}): "
                              f"the run has diverged; lower optim.lr or lengthen optim.warmup_steps")
@@ -143,11 +160,13 @@ class Trainer:
     def evaluate(self) -> dict:
         self.model.eval()
         losses = []
-        for x in self.data.val_batches(self.cfg.eval.batch_size):
+        batches = self.data.val_batches(self.cfg.eval.batch_size)
+        for x in batches[self.dist.rank::self.dist.world]:  # ranks share the batches, then sum
             x = x.to(self.device)
             losses.append(causal_lm_loss(self.model, x).float().item())
         self.model.train()
-        loss = sum(losses) / max(1, len(losses))
+        total, count = self.dist.sum(sum(losses), len(losses))
+        loss = total / max(1, count)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def _guarded_step(self) -> float | None:
@@ -182,19 +201,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n = count_params(self.model)
-        tqdm.write(f"qapollo: {n['total'] / 1e6:.1f}M params ({n['int8'] / 1e6:.1f}M int8) on {self.device}, "
-                   f"run dir {self.run_dir}")
+        self._say(f"qapollo: {n['total'] / 1e6:.1f}M params ({n['int8'] / 1e6:.1f}M int8) on {self.device}, "
+                  f"run dir {self.run_dir}")
         start = self.opt.step_count
         if start >= t.max_steps:
-            tqdm.write(f"qapollo: already at step {start} (train.max_steps={t.max_steps}): nothing to train; "
-                       f"raise train.max_steps to continue")
+            self._say(f"qapollo: already at step {start} (train.max_steps={t.max_steps}): nothing to train; "
+                      f"raise train.max_steps to continue")
             return {"step": start, "loss": float("nan"), "tokens": self.tokens_seen}
-        bar = tqdm(total=t.max_steps, initial=start, desc="Update steps", ncols=100, disable=not self.progress,
-                   dynamic_ncols=False)
+        bar = tqdm(total=t.max_steps, initial=start, desc="Update steps", ncols=100,
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=False)
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         loss = float("nan")
         record = {}
-        while self.opt.step_count < t.max_steps and not self.stop_requested:
+        while self.opt.step_count < t.max_steps and not self.dist.any(self.stop_requested):
             lr = self.opt.current_lr()
             step_loss = self._guarded_step()
             if step_loss is None:  # every micro-batch skipped: nothing changed, draw the next ones
@@ -215,6 +234,8 @@ class Trainer:
                 self.metrics.write(record)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
                                 mem=f"{record['peak_mem_bytes'] / 2**30:.2f}G")
+            if t.replica_check_every and (step % t.replica_check_every == 0 or step == start + 1):
+                self._check_replicas(step)
             if self._save_due(step):
                 self.save()
         bar.close()
@@ -231,12 +252,24 @@ class Trainer:
         return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
 
     def save(self) -> None:
-        """Write a checkpoint of the current step (checkpoint/saving.py; refused while dirty_step is set)."""
+        """Write a checkpoint of the current step (checkpoint/saving.py; refused while dirty_step is set):
+        replicas checked, rank 0 writes, the other ranks wait for it."""
         from . import checkpoint
-        checkpoint.save(self)
+        self._check_replicas(self.opt.step_count)
+        path = checkpoint.save(self) if self.dist.is_main else None
+        self.checkpoint_path = self.dist.broadcast_object(path)
+
+    def _check_replicas(self, step: int) -> None:
+        """Several ranks: stop (ReplicaMismatch) unless every rank holds the same weights; once per step."""
+        if self.cfg.train.replica_check_every and self._checked_at != step:
+            self.dist.check_replicas(self.model, step)
+            self._checked_at = step
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
     trainer = Trainer(cfg, progress)
-    trainer.setup()
-    return trainer.fit()
+    try:
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        trainer.dist.close()

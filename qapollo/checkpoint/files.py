@@ -41,7 +41,9 @@ class DiskSpaceError(CheckpointError):
 
 
 def say(msg: str) -> None:
-    print(f"qapollo: {msg}", file=sys.stderr, flush=True)
+    from ..distributed import is_main
+    if is_main():  # every rank resumes, rank 0 alone reports it
+        print(f"qapollo: {msg}", file=sys.stderr, flush=True)
 
 
 # ---- safetensors, written tensor by tensor -------------------------------------------------------
