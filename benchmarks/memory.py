@@ -3,6 +3,8 @@
 
     python benchmarks/memory.py --config configs/llama_20m.yaml --steps 3 train.batch_size=4
     python benchmarks/memory.py --config configs/llama_7b.yaml --steps 3 train.seq_len=2048   # on a GPU
+    python benchmarks/memory.py --config configs/llama_60m.yaml --steps 2 train.batch_size=4 \
+        train.grad_accum_steps=4 train.accum_mode=lagged             # K micro-batches per optimizer step
 
 CUDA: peak torch.cuda.max_memory_allocated / max_memory_reserved / num_alloc_retries, step time,
 tokens/s, MFU. CPU: peak RSS and peak live tensor bytes (qapollo.memory.LiveTensorCounter, the
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
            "device_name": torch.cuda.get_device_name(dev) if want_cuda else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
            "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+           "grad_accum_steps": cfg.train.grad_accum_steps, "accum_mode": cfg.train.accum_mode,
            "activation_checkpointing": cfg.model.activation_checkpointing, "loss": "chunked" if chunked else "hf",
            "predicted_peak_bytes": plan["peak_bytes"], "predicted_phase": plan["phase"],
            "predicted_persistent_bytes": plan["persistent_bytes"]}
@@ -110,10 +113,10 @@ def main(argv=None) -> int:
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     opt = LayerwiseOptimizer(model, cfg.optim, max(cfg.train.max_steps, args.steps), seed=cfg.train.seed,
-                             stochastic_round=cfg.model.stochastic_round)
+                             stochastic_round=cfg.model.stochastic_round, accum_mode=cfg.train.accum_mode)
     rec["build_s"] = round(time.perf_counter() - t0, 2)
     gen = torch.Generator().manual_seed(0)
-    B, T = cfg.train.batch_size, cfg.train.seq_len
+    B, T, K = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps
     use_counter = dev.type == "cpu" and not args.no_counter
     if use_counter and any(m.fused for m in model.modules() if hasattr(m, "fused")):
         use_counter = False  # torch.compile refuses to run under a TorchDispatchMode such as the counter
@@ -134,7 +137,6 @@ def main(argv=None) -> int:
         rec["allocated_after_build"] = torch.cuda.memory_allocated(dev)
         rec["peak_allocated_per_step"], rec["peak_reserved_per_step"] = [], []
     for i in range(args.steps):
-        x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen).to(dev)
         check = i == 0 and cfg.train.check_updates
         counter = LiveTensorCounter() if use_counter else None
         base = resident_tensor_bytes(model, states()) if use_counter else 0
@@ -150,13 +152,16 @@ def main(argv=None) -> int:
             prof = torch.profiler.profile(activities=acts)
             prof.__enter__()
         try:
-            opt.begin_step(last_micro=True, check=check)
-            loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
-            loss_val = loss.item()
-            if timeline:
-                timeline.mark(f"step{i + 1}:forward")
-            loss.backward()
-            del loss
+            for micro in range(K):  # the trainer's micro-batches: K backwards, one optimizer step
+                x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen).to(dev)
+                opt.begin_step(last_micro=micro == K - 1, check=check)
+                loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
+                loss_val = loss.item()
+                if timeline:
+                    timeline.mark(f"step{i + 1}.{micro}:forward")
+                (loss / K).backward()
+                del loss
+                opt.after_backward()
             try:
                 opt.end_step(check=check)
             except UpdateCheckError as e:  # record it (bf16 norms may not move at warmup lr), go on
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
         timed = timed[:-1]  # the profiled last step runs slower
     med = statistics.median(timed)
     rec["step_time_median_s"] = round(med, 4)
-    rec["tokens_per_s"] = round(B * T / med, 1)
+    rec["tokens_per_s"] = round(B * T * K / med, 1)
     if want_cuda:
         if timeline:
             timeline.close()
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
         name = rec["device_name"]
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         rec["peak_flops"] = peak
-        rec["mfu"] = round(flops_per_token(cfg) * B * T / med / peak, 4) if peak else None
+        rec["mfu"] = round(flops_per_token(cfg) * B * T * K / med / peak, 4) if peak else None
         measured = rec["max_memory_allocated"]
     else:
         rec["peak_rss_bytes"] = peak_rss_bytes()

@@ -20,6 +20,18 @@ import yaml
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
 
 
+def stable_lrs(hidden_size: int) -> tuple[float, float]:
+    """(APOLLO matrices' peak lr, float tensors' peak lr) that the width-faithful stability probe found
+    stable at this width (benchmarks/stability.py; tables in BENCHMARKS.md). The shipped configs use them.
+
+    APOLLO-Mini's update norm does not depend on the gradient's scale, so its stable lr does not rise with
+    width the way SGD's would: 3e-3 held at widths 256 to 1024 (1e-2 spiked at both), and above that it
+    falls like 1/width (muP's rule for Adam-like hidden matrices): 2e-3 spiked at 4096, 7.5e-4 trains. The
+    embedding/lm_head/norms' 8-bit Adam is held to 3e-3·256/width (the muP output-layer rule).
+    """
+    return 3e-3 * min(1.0, 1024 / hidden_size), 3e-3 * min(1.0, 256 / hidden_size)
+
+
 class ConfigError(ValueError):
     """A bad config key or value; the message says what and how to fix it."""
 

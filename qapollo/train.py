@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config, flat_dict
+from .config import Config, flat_dict, stable_lrs
 from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
@@ -67,6 +67,7 @@ class Trainer:
             require_tensorboard()  # fail before anything is built
         init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
         self._plan_memory()
+        self._note_lr()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape,
         # an output folder that cannot be written or lacks room for one checkpoint, another tokenizer
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
@@ -113,6 +114,19 @@ class Trainer:
                                  f"{advice(plan)} (see `qapollo plan`)")
         else:
             tune_cpu_allocator()
+
+    def _note_lr(self) -> None:
+        """Say so when a peak lr is well above what the stability probe found stable at this width."""
+        m, o = self.cfg.model, self.cfg.optim
+        if o.name == "adamw":
+            return
+        lr_ok, float_ok = stable_lrs(m.hidden_size)
+        for key, lr, ok in (("optim.lr", o.lr, lr_ok),
+                            ("optim.float_lr", o.lr if o.float_lr is None else o.float_lr, float_ok)):
+            if lr > 2 * ok:
+                self._say(f"qapollo: note: {key}={lr:g} is {lr / ok:.1f}x the peak lr found stable at width "
+                          f"{m.hidden_size} ({ok:.3g}; BENCHMARKS.md, 'Stable learning rates'): expect loss "
+                          f"spikes (the spike guard skips the worst) unless the batch is much larger")
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> float | None:

@@ -1,0 +1,35 @@
+"""The shipped pre-training configs use the peak lrs the stability probe found stable at their width."""
+import glob
+import os
+
+import pytest
+
+from qapollo.config import load_config, stable_lrs
+from tests.helpers import ROOT
+
+PRETRAIN = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+            if load_config(p).model.init_from is None]  # continued pre-training picks its own (lower) lr
+
+
+def test_rule_values():
+    assert stable_lrs(256) == (3e-3, 3e-3)
+    assert stable_lrs(1024) == (3e-3, 7.5e-4)
+    assert stable_lrs(4096) == (7.5e-4, 1.875e-4)
+
+
+@pytest.mark.parametrize("path", PRETRAIN, ids=os.path.basename)
+def test_shipped_lrs_follow_the_width_rule(path):
+    cfg = load_config(path)
+    lr, float_lr = stable_lrs(cfg.model.hidden_size)
+    assert cfg.optim.lr == pytest.approx(lr, rel=1e-6)
+    assert (cfg.optim.lr if cfg.optim.float_lr is None else cfg.optim.float_lr) == pytest.approx(float_lr, rel=1e-6)
+
+
+def test_recipe_note_for_an_unstable_lr(capsys, tmp_path):
+    from qapollo.train import Trainer
+    cfg = load_config(os.path.join(ROOT, "configs", "llama_7b.yaml"),
+                      ["optim.lr=0.01", f"train.output_dir={tmp_path}", "train.device=cpu"])
+    tr = Trainer(cfg, progress=False)
+    tr._note_lr()
+    out = capsys.readouterr()
+    assert "optim.lr=0.01 is 13.3x the peak lr found stable at width 4096" in out.out + out.err
