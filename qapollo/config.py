@@ -362,8 +362,9 @@ def _validate_lean_head(cfg: Config, need) -> None:
     need(m.vocab_size >= m.hidden_size,
          f"model.lean_head=true needs model.vocab_size ({m.vocab_size}) >= model.hidden_size ({m.hidden_size}): "
          f"the projection keeps one value per vocabulary row")
-    need(t.grad_accum_steps == 1, "model.lean_head=true needs train.grad_accum_steps=1 (accumulating would keep "
-                                  "lm_head's full gradient, which this option exists to avoid); raise train.batch_size")
+    need(t.grad_accum_steps == 1 or t.accum_mode == "lagged",
+         "model.lean_head=true with train.grad_accum_steps > 1 needs train.accum_mode=lagged (exact accumulation "
+         "would keep lm_head's full gradient, which this option exists to avoid)")
     need(m.init_from is None, "model.lean_head=true cannot start from model.init_from yet; train from scratch or "
                               "set model.lean_head=false")
 

@@ -103,13 +103,11 @@ class ApolloUpdater:
         as the dense step's would."""
         st, o, t = self.state, self.o, self.target
         g = grad.values
-        apollo.refresh_projection(self.shape, st, o.rank, o.update_proj_gap, g.device)
+        self._refresh(g.device)
         math_dtype = torch.promote_types(g.dtype, torch.float32)
         r = torch.zeros(st["exp_avg"].shape, dtype=math_dtype, device=g.device)
         r.index_add_(0, grad.rows, (g @ st["proj"].to(g.dtype).T).to(math_dtype))  # apollo.project's m>=n side
-        c = apollo.projected_multiplier(r, torch.linalg.vector_norm(g, dtype=math_dtype), st, shape=self.shape,
-                                        **self._limiter_hparams())
-        coef = self._int8_coef(c, lr)
+        coef = self._int8_coef(self._multiplier(r, torch.linalg.vector_norm(g, dtype=math_dtype)), lr)
         return quant.update_rows_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad.rows, g, coef,
                                   stochastic=self.stochastic, seed=tensor_seed(self.sr_seed, self._noise_key()),
                                   count_changes=count_changes, keep=~self.finite)
@@ -120,7 +118,7 @@ class ApolloUpdater:
         applied to its rows at once. The full gradient never exists; the step is the exact (not lagged) one,
         at the price of recomputing the head's logits once more."""
         st, o, t = self.state, self.o, self.target
-        apollo.refresh_projection(self.shape, st, o.rank, o.update_proj_gap, t.weight_codes.device)
+        self._refresh(t.weight_codes.device)
         r = torch.zeros(st["exp_avg"].shape, dtype=torch.float32, device=t.weight_codes.device)
         sq = torch.zeros((), dtype=torch.float32, device=r.device)
 
@@ -128,7 +126,7 @@ class ApolloUpdater:
             r[sl] = (g @ st["proj"].to(g.dtype).T).to(torch.float32)  # rows of apollo.project(G) (V >= h)
             sq.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square())
         src.each(measure)
-        c = apollo.projected_multiplier(r, sq.sqrt(), st, shape=self.shape, **self._limiter_hparams())
+        c = self._multiplier(r, sq.sqrt())
         coef, seed, keep = self._int8_coef(c, lr), tensor_seed(self.sr_seed, self._noise_key()), ~self.finite
         changed, n = [0], self.shape[1]
 
@@ -140,10 +138,16 @@ class ApolloUpdater:
         src.each(apply)
         return changed[0]
 
-    def _limiter_hparams(self) -> dict:
+    def _refresh(self, device) -> None:
+        # lagged: P stays fixed for a whole window (drawn at its first micro-batch), as lagged_multiplier does
+        if not self.lagged or not self.state.get("r_count"):
+            apollo.refresh_projection(self.shape, self.state, self.o.rank, self.o.update_proj_gap, device)
+
+    def _multiplier(self, r: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
         o = self.o
-        return dict(beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
-                    limiter_decay=o.limiter_decay)
+        fn = apollo.lagged_projected_multiplier if self.lagged else apollo.projected_multiplier
+        return fn(r, g_norm, self.state, shape=self.shape, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                  norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
 
     def commit(self) -> None:
         """Step boundary (lagged mode): moments take the window's projected gradient once."""
@@ -301,14 +305,14 @@ class LayerwiseOptimizer:
         self._handles = []
         self._matrices = mats = matrix_names(model)  # int8 modules and float projection weights
         self.float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
-        # model.lean_head: the int8 embedding / lm_head step once per step, exactly (grad_accum_steps is 1)
+        # model.lean_head: the int8 embedding / lm_head (their gradients are never whole: in lagged mode
+        # they step on every micro-batch like the matrices; exact accumulation is refused by the config)
         self._lean = {n for n, m in int8_modules(model) if n not in mats}
         if self._lean and reducer is not None:
             raise ConfigError("model.lean_head=true does not run data-parallel yet (its lm_head gradient is never "
                               "whole, so there is nothing to all-reduce): use one process or model.lean_head=false")
         for name, mod in int8_modules(model):
-            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round,
-                                                self.lagged and name not in self._lean)
+            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round, self.lagged)
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue

@@ -57,6 +57,9 @@ UPDATE_CHUNK_BYTES = 29
 DEQUANT_CHUNK_BYTES = 8
 FLOAT_CHUNK_ELEMS = 1 << 22  # layerwise.TorchAdamUpdater.CHUNK_ELEMS (float tensors' optimizer chunks)
 LOSS_CHUNK_ELEMS = 1 << 22  # loss.py: N·chunk elements of logits at a time
+HEAD_SLICE_ELEMS = 1 << 20  # loss.HEAD_SLICE_ELEMS: rows·hidden of one int8 lm_head slice (model.lean_head)
+# quant.update_rows_ beside update_groups' buffers: int64 noise start per element, gathered and new codes
+ROWS_EXTRA_BYTES = 10
 
 
 def parse_bytes(text: str) -> int:
@@ -147,10 +150,14 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
 
     # ---- persistent ----------------------------------------------------------------------------
     tied = m.tie_word_embeddings  # lm_head is the embedding: one V·h tensor and one optimizer state
+    lean = m.lean_head  # embed and lm_head int8 with APOLLO-Mini (config refuses it with tied/float weights)
     float_tensors = [V * h] * (1 if tied else 2) + [h] * (2 * L + 1)  # embed, lm_head, norms
+    if lean:
+        float_tensors = [0, 0] + [h] * (2 * L + 1)  # keeps fstate[0] / fstate[1] as embed / lm_head
     if m.weight_quant:
-        groups = mat_elems // m.group_size
-        c["int8_codes"] = mat_elems
+        int8_elems = mat_elems + (2 * V * h if lean else 0)
+        groups = int8_elems // m.group_size
+        c["int8_codes"] = int8_elems
         c["int8_scales"] = 4 * groups
         c["int8_zeros"] = groups
     else:
@@ -165,11 +172,15 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     else:
         # M and V (fp32, max(m,n)·rank each) + the projection (fp32, min(m,n)·rank) + prev norm
         c["apollo_states"] = L * sum(4 * o.rank * (2 * max(a, b) + min(a, b)) + 4 for _, a, b in mats)
+        if lean:  # the same for the (V, h) embedding and lm_head, V >= h
+            c["apollo_states"] += 2 * (4 * o.rank * (2 * V + h) + 4)
     lagged = t.accum_mode == "lagged" and o.name != "adamw"
     if lagged:
         # + the window's summed projected gradient (max(m,n)·rank) and the lagged scale (1 or per channel)
         c["apollo_states"] += L * sum(4 * o.rank * max(a, b) + 4 * (1 if o.scale_type == "tensor" else max(a, b))
                                       for _, a, b in mats)
+        if lean:
+            c["apollo_states"] += 2 * (4 * o.rank * V + 4)
     if t.grad_accum_steps > 1:
         if lagged:
             # only the float tensors (embed, lm_head, norms) accumulate a gradient (layerwise.py)
@@ -213,6 +224,15 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         return max(s * V * h, transient) if acc else s * V * h + transient
     phases["head"] = acts + s * N * h + grad_then_update(max(head_t, 0))
     phases["head (step 1)"] = phases["head"] + (0 if tied else clone) - fstate[0][0]
+    if lean:
+        # lm_head's gradient only slice by slice (loss.HeadGradSlices, read twice): the hidden states' fp32
+        # gradient, R (fp32, V), one slice's dequantized rows, logits/softmax and gradient, and its update
+        phases["head"] = acts + s * N * h + 4 * N * h + 4 * V + _lean_head_slice_bytes(s, N, V, h, device_type)
+        phases["head (step 1)"] = phases["head"]
+        # the forward's slices: dequantized rows (fp32 temporaries) or the slice's logits and exp (12 B)
+        rows = _head_rows(N, V, h)
+        loss_peak = max((s + 8) * rows * h, s * rows * h + 12 * N * rows)
+        phases["loss"] = acts + loss_peak
     # one decoder layer's backward: the largest matrix dequantized (into an s-byte output) or its weight
     # gradient plus the update's buffers, over ~3 activation gradients
     guard_t = 0
@@ -236,6 +256,12 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t) + \
         (s * V * h if tied and not acc else 0)
     phases["embed (step 1)"] = phases["embed"] + clone
+    if lean:
+        # the batch's rows only (model.RowGrad, fp32) and their int8 update (quant.update_rows_)
+        k_elems = min(N, V) * h
+        rows_t = (UPDATE_CHUNK_BYTES + ROWS_EXTRA_BYTES) * min(k_elems, quant.chunk_elems(device_type))
+        phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + 4 * k_elems + rows_t
+        phases["embed (step 1)"] = phases["embed"]
     dp = _data_parallel_extra(world_size, s, mn_max, V * h, head_t, mat_t, acc, lagged, tied)
     for k in phases:
         phases[k] += dp[k.split()[0]]
@@ -259,6 +285,22 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
         "rss_bytes": peak + CPU_PROCESS_BYTES if device_type == "cpu" else None,
     }
+
+
+def _head_rows(n_tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of one slice of the int8 lm_head (loss.head_slice_rows; the arithmetic copied: no import of loss)."""
+    ck = max(1, min(vocab, LOSS_CHUNK_ELEMS // max(1, n_tokens)))
+    return max(1, min(ck, HEAD_SLICE_ELEMS // hidden))
+
+
+def _lean_head_slice_bytes(s: int, N: int, V: int, h: int, device_type: str) -> int:
+    """Transients of one lm_head slice in the lean head's backward, two moments that do not overlap: its
+    dequantized rows (s B/elem) with the slice's softmax gradient (fp32 and its s-byte cast) and the hidden
+    gradient's product; then the slice's gradient (s B/elem) with the eager int8 update's row-chunk buffers."""
+    rows = _head_rows(N, V, h)
+    _, upd, _ = _int8_transients(s, rows * h, device_type, fused=False)
+    logits = s * rows * h + (4 + (s if s != 4 else 0)) * N * rows + (s * N * h if s != 4 else 0)
+    return max(logits, upd)
 
 
 def _data_parallel_extra(world: int, s: int, mn_max: int, head_elems: int, head_t: int, mat_t: int, acc: bool,

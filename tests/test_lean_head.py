@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lean(**over):
-    return tiny_config(model__lean_head=True, **over)
+    return tiny_config(**{"model__lean_head": True, **over})
 
 
 def run_steps(cfg, two_phase: bool, steps: int = 3, loss_fn=causal_lm_loss, fixed: bool = False):
@@ -138,7 +138,7 @@ def test_lean_planner_within_10_percent_of_live_meter():
     (["model.weight_quant=false", "optim.name=adamw"], "weight_quant"),
     (["optim.name=apollo", "optim.scale_type=channel", "optim.rank=2"], "apollo_mini"),
     (["model.tie_word_embeddings=true"], "tie_word_embeddings"),
-    (["train.grad_accum_steps=2"], "grad_accum_steps"),
+    (["train.grad_accum_steps=2"], "accum_mode=lagged"),
 ])
 def test_lean_head_refuses_what_it_does_not_support(over, msg):
     with pytest.raises(ConfigError, match=msg):

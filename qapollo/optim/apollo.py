@@ -228,6 +228,29 @@ def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
     return c
 
 
+def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, shape: tuple[int, int],
+                                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                                norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
+    """lagged_multiplier (tensor-wise) from R = project(G) and ‖G‖ only (see projected_multiplier). The caller
+    refreshes the projection at a window's first micro-batch (state['r_count'] == 0)."""
+    math_dtype = r.dtype
+    if state.get("r_sum") is None:
+        state["r_sum"] = torch.zeros_like(state["exp_avg"])
+    state["r_sum"] = state["r_sum"].to(math_dtype).add_(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
+    state["r_count"] = state.get("r_count", 0) + 1
+    first = state["step"] == 0 and state.get("lag_scale") is None
+    if state.get("lag_scale") is None:
+        m, v, t = _moments(state, r, beta1, beta2, commit=False)
+        c = _scale(r, m, v, t, shape, "tensor", beta1, beta2, eps)
+    else:
+        c = state["lag_scale"].to(math_dtype)
+    u_norm = c * g_norm
+    finite = torch.isfinite(u_norm)
+    c = _limit(c, u_norm, state, first and state["r_count"] == 1, norm_growth_limit, limiter_decay)
+    state["finite"] = finite
+    return torch.where(finite, c, torch.zeros_like(c))
+
+
 def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, beta1: float = 0.9,
                   beta2: float = 0.999, eps: float = 1e-8) -> None:
     """Step boundary of the lagged mode: the moments take the window's summed R once; c_t is stored for
