@@ -150,3 +150,27 @@ def test_lean_head_refuses_data_parallel_with_one_line():
     model = build_model(cfg.model, "cpu", seed=0)
     with pytest.raises(ConfigError, match="data-parallel"):
         LayerwiseOptimizer(model, cfg.optim, max_steps=10, reducer=object())
+
+
+def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
+    """accum_mode=lagged, 2 micro-batches: embedding and lm_head step on each (previous step's scale), their
+    projected gradients commit once per step, and no full gradient of theirs is ever kept."""
+    cfg = lean(train__grad_accum_steps=2, train__accum_mode="lagged")
+    validate(cfg)
+    model = build_model(cfg.model, "cpu", seed=0)
+    opt = LayerwiseOptimizer(model, cfg.optim, max_steps=10, seed=0, accum_mode="lagged")
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(6):
+        for micro in range(2):
+            opt.begin_step(last_micro=micro == 1, check=step == 0)
+            loss = causal_lm_loss(model, x)
+            (loss / 2).backward()
+            opt.after_backward()
+            assert model.lm_head.weight_grad is None and model.model.embed_tokens.weight_grad is None
+        opt.end_step(check=step == 0)
+        losses.append(loss.item())
+        for name in ("lm_head", "model.embed_tokens"):
+            st = opt.updaters[name].state
+            assert st["step"] == step + 1 and st["r_count"] == 0 and st["lag_scale"] is not None
+    assert losses[-1] < losses[0] - 0.5, losses
