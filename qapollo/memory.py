@@ -274,9 +274,12 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         "activations_bytes": acts, "activations_full_bytes": c_act_full + loss_saved,
         "activations_ckpt_bytes": c_act_ckpt + loss_saved, "loss_saved_bytes": loss_saved,
         "largest_transient": {"dequantize": dequant_t if m.weight_quant else 0,
-                              "matrix_grad": s * mn_max, "embed_or_head_grad": s * V * h,
+                              "matrix_grad": s * mn_max,
+                              # lean: one lm_head slice's gradient (never the whole V·h one)
+                              "embed_or_head_grad": s * (_head_rows(N, V, h) if lean else V) * h,
                               "logits_loss": loss_peak, "float_optim_update": max(head_t, emb_t),
-                              "first_step_guard_copy": clone},
+                              "first_step_guard_copy": 0 if lean else clone},
+        "lean_head": lean,
         "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
         "world_size": world_size, "data_parallel_bytes": dp,
         "tokens_per_step": N * t.grad_accum_steps * world_size,
@@ -380,7 +383,8 @@ def advice(plan: dict) -> str:
             "layer": "set model.activation_checkpointing=true or lower train.batch_size / train.seq_len",
             "head": "set model.activation_checkpointing=true, lower train.batch_size, or optim.float_optim=adam8bit",
             "embed": "use optim.float_optim=adam8bit or a smaller model.vocab_size"}
-    return tips[plan["phase"].split()[0]] + "; or pick a smaller model config"
+    lean = "" if plan.get("lean_head") else ", or set model.lean_head=true (LLaMA-7B: configs/llama_7b_8gb.yaml)"
+    return tips[plan["phase"].split()[0]] + "; or pick a smaller model config" + lean
 
 
 def plan_main(argv: list[str]) -> int:
@@ -411,8 +415,31 @@ def plan_main(argv: list[str]) -> int:
         print(format_plan(plan, budget))
     if budget is not None and plan["peak_bytes"] + plan["context_bytes"] > budget:
         print(f"to fit: {advice(plan)}", file=sys.stderr)
+        lean = _lean_suggestion(cfg, args.device, args.nproc, budget)
+        if lean:
+            print(lean, file=sys.stderr)
         return 1
     return 0
+
+
+def _lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:
+    """When a config does not fit: what model.lean_head=true would need, if that is a valid change."""
+    import copy
+    from .config import ConfigError, validate
+    if cfg.model.lean_head or nproc > 1:
+        return ""
+    lean = copy.deepcopy(cfg)
+    lean.model.lean_head = True
+    try:
+        validate(lean)
+    except ConfigError:
+        return ""
+    p = predict_peak(lean, device)
+    total = p["peak_bytes"] + p["context_bytes"]
+    if total > budget:
+        return ""
+    return (f"with model.lean_head=true (int8 embedding and lm_head with APOLLO-Mini) it fits: {fmt(total)} incl. "
+            f"context; the LLaMA-7B preset for 8 GB cards is configs/llama_7b_8gb.yaml")
 
 
 # ---- measurement ---------------------------------------------------------------------------------
