@@ -423,23 +423,37 @@ def plan_main(argv: list[str]) -> int:
 
 
 def _lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:
-    """When a config does not fit: what model.lean_head=true would need, if that is a valid change."""
+    """When a config does not fit: model.lean_head=true on it, if that is valid and fits; else the 8 GB
+    preset (configs/llama_7b_8gb.yaml, batch 1 × 256) when the model has its shape and it fits."""
     import copy
-    from .config import ConfigError, validate
+    import os
+    from .config import DEFAULT_CONFIG, ConfigError, load_config, validate
     if cfg.model.lean_head or nproc > 1:
         return ""
     lean = copy.deepcopy(cfg)
     lean.model.lean_head = True
     try:
         validate(lean)
+        total = predict_peak(lean, device)["peak_bytes"] + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+        if total <= budget:
+            return (f"with model.lean_head=true (int8 embedding and lm_head with APOLLO-Mini) it fits: {fmt(total)} "
+                    f"incl. context; the LLaMA-7B preset for 8 GB cards is configs/llama_7b_8gb.yaml")
     except ConfigError:
+        pass
+    preset_path = os.path.join(os.path.dirname(DEFAULT_CONFIG), "llama_7b_8gb.yaml")
+    if not os.path.exists(preset_path):
         return ""
-    p = predict_peak(lean, device)
-    total = p["peak_bytes"] + p["context_bytes"]
+    preset = load_config(preset_path)
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    if any(getattr(preset.model, k) != getattr(cfg.model, k) for k in shape):
+        return ""
+    total = predict_peak(preset, device)["peak_bytes"] + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     if total > budget:
         return ""
-    return (f"with model.lean_head=true (int8 embedding and lm_head with APOLLO-Mini) it fits: {fmt(total)} incl. "
-            f"context; the LLaMA-7B preset for 8 GB cards is configs/llama_7b_8gb.yaml")
+    t = preset.train
+    return (f"the 8 GB preset configs/llama_7b_8gb.yaml (model.lean_head=true, batch {t.batch_size} × {t.seq_len}"
+            f"{f' × {t.grad_accum_steps} micro-batches' if t.grad_accum_steps > 1 else ''}) fits: {fmt(total)} incl. "
+            f"context")
 
 
 # ---- measurement ---------------------------------------------------------------------------------
