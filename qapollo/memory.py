@@ -229,9 +229,10 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         # gradient, R (fp32, V), one slice's dequantized rows, logits/softmax and gradient, and its update
         phases["head"] = acts + s * N * h + 4 * N * h + 4 * V + _lean_head_slice_bytes(s, N, V, h, device_type)
         phases["head (step 1)"] = phases["head"]
-        # the forward's slices: dequantized rows (fp32 temporaries) or the slice's logits and exp (12 B)
+        # the forward's slices: dequantizing one (two fp32 temporaries + the s-byte cast unless fp32), then
+        # its logits, (z - max) and exp (12 B per token·row; the rows are freed once the matmul is done)
         rows = _head_rows(N, V, h)
-        loss_peak = max((s + 8) * rows * h, s * rows * h + 12 * N * rows)
+        loss_peak = max((8 + (s if s != 4 else 0)) * rows * h, 12 * N * rows)
         phases["loss"] = acts + loss_peak
     # one decoder layer's backward: the largest matrix dequantized (into an s-byte output) or its weight
     # gradient plus the update's buffers, over ~3 activation gradients
