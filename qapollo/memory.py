@@ -403,6 +403,8 @@ def plan_main(argv: list[str]) -> int:
     plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of ranks must be >= 1")
+    if args.nproc > 1 and cfg.model.lean_head:
+        raise ConfigError("model.lean_head=true does not run data-parallel yet: plan it with --nproc 1")
     plan = predict_peak(cfg, args.device, world_size=args.nproc)
     try:
         budget = parse_bytes(args.budget) if args.budget else None

@@ -150,6 +150,9 @@ def test_lean_head_refuses_data_parallel_with_one_line():
     model = build_model(cfg.model, "cpu", seed=0)
     with pytest.raises(ConfigError, match="data-parallel"):
         LayerwiseOptimizer(model, cfg.optim, max_steps=10, reducer=object())
+    from qapollo.memory import plan_main
+    with pytest.raises(ConfigError, match="data-parallel"):
+        plan_main(["--config", "configs/llama_7b_8gb.yaml", "--nproc", "2"])
 
 
 def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
