@@ -177,3 +177,19 @@ def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
             st = opt.updaters[name].state
             assert st["step"] == step + 1 and st["r_count"] == 0 and st["lag_scale"] is not None
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_lean_run_evaluates_from_its_checkpoint(corpus, tmp_path, capsys):
+    """`qapollo eval` of a lean_head run: the checkpoint's int8 embedding/lm_head load and give the
+    trainer's own eval loss."""
+    import json
+    import os
+    from qapollo.cli import main
+    from tests.helpers import make_cfg, run
+    tr = run(make_cfg(corpus, tmp_path, "lean", model__lean_head=True, train__max_steps=2))
+    ours = tr.evaluate()["eval_loss"]
+    capsys.readouterr()
+    assert main(["eval", os.path.join(tmp_path, "lean"), "--data", corpus["data.path"], "--max-tokens", "512",
+                 "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(res["loss"] - ours) < 1.0 and res["loss"] == res["loss"]
