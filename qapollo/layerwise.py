@@ -3,7 +3,10 @@
 Every trainable tensor gets one updater:
   * projection matrices (int8 `Int8Linear` or float `nn.Linear.weight`): APOLLO / APOLLO-Mini
     (optim/apollo.py), or torch AdamW for the `adamw` baseline;
-  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW).
+  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW);
+    with model.lean_head the embedding and lm_head are int8 and take APOLLO-Mini too: the embedding's
+    gradient comes as its batch rows (model.RowGrad, `step_rows`), lm_head's slice by slice from inside
+    the loss backward (loss.HeadGradSlices, `step_slices`), so neither gradient is ever whole.
 
 int8 matrices get their gradient from `Int8Linear`'s backward (uint8 tensors cannot carry autograd
 hooks); float tensors through `register_post_accumulate_grad_hook`. Each hook updates the tensor and
