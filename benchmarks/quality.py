@@ -10,6 +10,8 @@ Methods (same model shape, data order, schedule and hooks; only the optimizer/we
   apollo_mini        float weights, APOLLO-Mini (tensor-wise, rank 1, scale 128)
   q_apollo_mini      int8 weights + stochastic rounding, APOLLO-Mini
   q_apollo_mini_rtn  int8 weights + round-to-nearest, APOLLO-Mini
+  q_apollo_mini_lean q_apollo_mini with model.lean_head (embedding and lm_head int8 + APOLLO-Mini too;
+                     `--only q_apollo_mini_lean`)
 Two seeds for apollo_mini and q_apollo_mini measure the seed-to-seed noise.
 
 The text is the shipped corpus (held-out works for eval). By default the runner first trains an 8k BPE
@@ -86,6 +88,9 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
             raise SystemExit(f"{method}: --batch-size {cfg.train.batch_size} is not a multiple of {k}")
         cfg.train.batch_size //= k
         cfg.train.grad_accum_steps, cfg.train.accum_mode = k, mode
+    elif method == "q_apollo_mini_lean":  # model.lean_head: embedding and lm_head int8 + APOLLO-Mini too
+        m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
+        m.lean_head = True
     elif method in ("q_apollo_mini", "q_apollo_mini_rtn"):
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
         m.stochastic_round = method == "q_apollo_mini"

@@ -64,6 +64,10 @@ class ModelConfig:
     fused_update: bool | str = "auto"
     # dtype of float params (embeddings, norms, lm_head) and of compute: auto = bf16 on CUDA, fp32 on CPU
     dtype: str = "auto"
+    # the small-card option: embedding and lm_head stored int8 like the projections and optimized by
+    # APOLLO-Mini (tiny state) instead of float + 8-bit Adam; lm_head updated slice by slice inside the
+    # loss backward (its full gradient never exists), the embedding on the rows of the batch only
+    lean_head: bool = False
 
 
 @dataclass
@@ -349,8 +353,32 @@ def validate(cfg: Config) -> None:
     need(t.max_skips_in_row >= 1, "train.max_skips_in_row must be >= 1")
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     _validate_run(cfg, need)
+    if m.lean_head:
+        _validate_lean_head(cfg, need)
 
     need(t.replica_check_every >= 0, "train.replica_check_every must be >= 0 (0 turns the replica check off)")
+
+
+def _validate_lean_head(cfg: Config, need) -> None:
+    """model.lean_head: what the int8 embedding / lm_head with APOLLO-Mini supports."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    need(m.weight_quant, "model.lean_head=true needs model.weight_quant=true (it stores embedding and lm_head int8 "
+                         "like the projections)")
+    need(o.name == "apollo_mini" and o.scale_type == "tensor",
+         "model.lean_head=true needs optim.name=apollo_mini with optim.scale_type=tensor (its slice-by-slice lm_head "
+         "update uses one tensor-wise scale)")
+    need(not m.tie_word_embeddings, "model.lean_head=true needs model.tie_word_embeddings=false")
+    need(m.hidden_size % m.group_size == 0,
+         f"model.lean_head=true needs model.hidden_size ({m.hidden_size}) divisible by model.group_size "
+         f"({m.group_size}): embedding rows are looked up in whole groups")
+    need(m.vocab_size >= m.hidden_size,
+         f"model.lean_head=true needs model.vocab_size ({m.vocab_size}) >= model.hidden_size ({m.hidden_size}): "
+         f"the projection keeps one value per vocabulary row")
+    need(t.grad_accum_steps == 1 or t.accum_mode == "lagged",
+         "model.lean_head=true with train.grad_accum_steps > 1 needs train.accum_mode=lagged (exact accumulation "
+         "would keep lm_head's full gradient, which this option exists to avoid)")
+    need(m.init_from is None, "model.lean_head=true cannot start from model.init_from yet; train from scratch or "
+                              "set model.lean_head=false")
 
 
 def _validate_shape(m: ModelConfig, need) -> None:
@@ -393,7 +421,7 @@ def _validate_run(cfg: Config, need) -> None:
 # (max_steps, logging, eval, lr schedule length) may change on resume.
 ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers", "model.num_attention_heads",
              "model.num_key_value_heads", "model.vocab_size", "model.weight_quant", "model.group_size",
-             "model.tie_word_embeddings",
+             "model.tie_word_embeddings", "model.lean_head",
              "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "train.batch_size", "train.seq_len")
 
 

@@ -80,7 +80,7 @@ def oom_advice(trainer) -> str:
     tips = [f"lower train.batch_size (now {t.batch_size}) or train.seq_len (now {t.seq_len})"]
     if not cfg.model.activation_checkpointing:
         tips.append("set model.activation_checkpointing=true")
-    if os.path.exists(PRESET_8GB):
+    if os.path.exists(PRESET_8GB) and not cfg.model.lean_head:
         tips.append(f"start from the 8 GB preset configs/{os.path.basename(PRESET_8GB)}")
     ask = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + ", or " + tips[-1]
     return f"{said}; to fit: {ask} (see `qapollo plan`)"

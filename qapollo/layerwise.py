@@ -3,7 +3,10 @@
 Every trainable tensor gets one updater:
   * projection matrices (int8 `Int8Linear` or float `nn.Linear.weight`): APOLLO / APOLLO-Mini
     (optim/apollo.py), or torch AdamW for the `adamw` baseline;
-  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW).
+  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW);
+    with model.lean_head the embedding and lm_head are int8 and take APOLLO-Mini too: the embedding's
+    gradient comes as its batch rows (model.RowGrad, `step_rows`), lm_head's slice by slice from inside
+    the loss backward (loss.HeadGradSlices, `step_slices`), so neither gradient is ever whole.
 
 int8 matrices get their gradient from `Int8Linear`'s backward (uint8 tensors cannot carry autograd
 hooks); float tensors through `register_post_accumulate_grad_hook`. Each hook updates the tensor and
@@ -33,7 +36,8 @@ import torch
 from torch import nn
 
 from . import fused, quant
-from .model import Int8Linear, int8_modules, matrix_names, tensor_seed
+from .config import ConfigError
+from .model import Int8Linear, RowGrad, int8_modules, matrix_names, tensor_seed
 from .optim import apollo
 
 
@@ -83,10 +87,70 @@ class ApolloUpdater:
                     beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
 
     def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+        if isinstance(grad, RowGrad):
+            return self.step_rows(grad, lr, count_changes)
         fn = apollo.lagged_multiplier if self.lagged else apollo.apollo_multiplier
         c = fn(grad, self.state, **self._hparams())
         self.finite = self.state.pop("finite")  # a device bool: read once per micro-batch, not here
         return self._apply(grad, c, lr, count_changes)
+
+    # ---- gradients that are never whole (model.lean_head) -----------------------------------------
+    def _int8_coef(self, c: torch.Tensor, lr: float) -> torch.Tensor:
+        self.finite = self.state.pop("finite")
+        return (c * (-lr * math.sqrt(self.o.scale))).float()
+
+    def step_rows(self, grad: RowGrad, lr: float, count_changes: bool) -> int:
+        """A sparse gradient (the int8 embedding: the batch's rows). R = G Pᵀ is zero outside those rows
+        (the vocabulary side is the larger one, so P compresses the hidden side), ‖G‖ is theirs: the
+        tensor-wise APOLLO-Mini step is exact. Rows not in the batch keep their weights; their moments decay
+        as the dense step's would."""
+        st, o, t = self.state, self.o, self.target
+        g = grad.values
+        self._refresh(g.device)
+        math_dtype = torch.promote_types(g.dtype, torch.float32)
+        r = torch.zeros(st["exp_avg"].shape, dtype=math_dtype, device=g.device)
+        r.index_add_(0, grad.rows, (g @ st["proj"].to(g.dtype).T).to(math_dtype))  # apollo.project's m>=n side
+        coef = self._int8_coef(self._multiplier(r, torch.linalg.vector_norm(g, dtype=math_dtype)), lr)
+        return quant.update_rows_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad.rows, g, coef,
+                                  stochastic=self.stochastic, seed=tensor_seed(self.sr_seed, self._noise_key()),
+                                  count_changes=count_changes, keep=~self.finite)
+
+    def step_slices(self, src, lr: float, count_changes: bool) -> int:
+        """lm_head's gradient given slice by slice (loss.HeadGradSlices), read twice: first R = G Pᵀ (row
+        slices of it) and ‖G‖² summed over slices give APOLLO-Mini's scale; then each slice is recomputed and
+        applied to its rows at once. The full gradient never exists; the step is the exact (not lagged) one,
+        at the price of recomputing the head's logits once more."""
+        st, o, t = self.state, self.o, self.target
+        self._refresh(t.weight_codes.device)
+        r = torch.zeros(st["exp_avg"].shape, dtype=torch.float32, device=t.weight_codes.device)
+        sq = torch.zeros((), dtype=torch.float32, device=r.device)
+
+        def measure(sl, g):
+            r[sl] = (g @ st["proj"].to(g.dtype).T).to(torch.float32)  # rows of apollo.project(G) (V >= h)
+            sq.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+        src.each(measure)
+        c = self._multiplier(r, sq.sqrt())
+        coef, seed, keep = self._int8_coef(c, lr), tensor_seed(self.sr_seed, self._noise_key()), ~self.finite
+        changed, n = [0], self.shape[1]
+
+        def apply(sl, g):
+            gs = slice(sl.start * n // t.group_size, sl.stop * n // t.group_size)
+            changed[0] += quant.update_quantized_(t.weight_codes[sl], t.weight_scale[gs], t.weight_zero[gs],
+                                                  t.group_size, g, coef, None, stochastic=self.stochastic, seed=seed,
+                                                  count_changes=count_changes, keep=keep, offset=sl.start * n)
+        src.each(apply)
+        return changed[0]
+
+    def _refresh(self, device) -> None:
+        # lagged: P stays fixed for a whole window (drawn at its first micro-batch), as lagged_multiplier does
+        if not self.lagged or not self.state.get("r_count"):
+            apollo.refresh_projection(self.shape, self.state, self.o.rank, self.o.update_proj_gap, device)
+
+    def _multiplier(self, r: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
+        o = self.o
+        fn = apollo.lagged_projected_multiplier if self.lagged else apollo.projected_multiplier
+        return fn(r, g_norm, self.state, shape=self.shape, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                  norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
 
     def commit(self) -> None:
         """Step boundary (lagged mode): moments take the window's projected gradient once."""
@@ -244,6 +308,12 @@ class LayerwiseOptimizer:
         self._handles = []
         self._matrices = mats = matrix_names(model)  # int8 modules and float projection weights
         self.float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
+        # model.lean_head: the int8 embedding / lm_head (their gradients are never whole: in lagged mode
+        # they step on every micro-batch like the matrices; exact accumulation is refused by the config)
+        self._lean = {n for n, m in int8_modules(model) if n not in mats}
+        if self._lean and reducer is not None:
+            raise ConfigError("model.lean_head=true does not run data-parallel yet (its lm_head gradient is never "
+                              "whole, so there is nothing to all-reduce): use one process or model.lean_head=false")
         for name, mod in int8_modules(model):
             self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round, self.lagged)
         for name, p in model.named_parameters():
@@ -264,6 +334,7 @@ class LayerwiseOptimizer:
     def _attach(self) -> None:
         for name, mod in int8_modules(self.model):
             mod.grad_hook = self._int8_hook
+            mod.slice_hook = self._slice_hook
         for name, p in self.model.named_parameters():
             if name in self.updaters:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_float_hook(name)))
@@ -273,7 +344,7 @@ class LayerwiseOptimizer:
             h.remove()
         self._handles.clear()
         for _, mod in int8_modules(self.model):
-            mod.grad_hook = None
+            mod.grad_hook = mod.slice_hook = None
 
     def _steps_now(self, name: str) -> bool:
         return self.hooks_enabled or name in self._every_micro
@@ -286,6 +357,17 @@ class LayerwiseOptimizer:
             mod.weight_grad = grad
             return
         self._run(mod.param_name, grad)
+
+    def _slice_hook(self, mod: Int8Linear, src) -> None:
+        """lm_head (model.lean_head) inside the loss backward: updated slice by slice when it steps now;
+        otherwise (a two-phase reference run) its gradient is made whole and kept like any other."""
+        name = mod.param_name
+        if not self._steps_now(name) or mod.weight_grad is not None or self.reducer is not None:
+            self._int8_hook(mod, src.full())
+            return
+        upd = self.updaters[name]
+        changed = upd.step_slices(src, self.lr, self.count_changes)
+        self._record(name, upd, changed)
 
     def _make_float_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
@@ -304,9 +386,12 @@ class LayerwiseOptimizer:
             self.reducer.submit(grad, lambda g: self._update(name, g))
 
     def _update(self, name: str, grad: torch.Tensor) -> None:
-        lr = self.lr if name in self._matrices else self.lr * self.float_lr_scale
         upd = self.updaters[name]
-        changed = upd.step(grad, lr, self.count_changes)
+        # APOLLO's lr for every APOLLO-stepped tensor (the lean embedding / lm_head too); float_lr for the rest
+        lr = self.lr if name in self._matrices or isinstance(upd, ApolloUpdater) else self.lr * self.float_lr_scale
+        self._record(name, upd, upd.step(grad, lr, self.count_changes))
+
+    def _record(self, name: str, upd, changed: int) -> None:
         self._flags.append((name, upd.finite_flag()))
         self._fired[name] = self._fired.get(name, 0) + 1
         self._changed[name] = self._changed.get(name, 0) + changed

@@ -57,6 +57,9 @@ UPDATE_CHUNK_BYTES = 29
 DEQUANT_CHUNK_BYTES = 8
 FLOAT_CHUNK_ELEMS = 1 << 22  # layerwise.TorchAdamUpdater.CHUNK_ELEMS (float tensors' optimizer chunks)
 LOSS_CHUNK_ELEMS = 1 << 22  # loss.py: N·chunk elements of logits at a time
+HEAD_SLICE_ELEMS = 1 << 20  # loss.HEAD_SLICE_ELEMS: rows·hidden of one int8 lm_head slice (model.lean_head)
+# quant.update_rows_ beside update_groups' buffers: int64 noise start per element, gathered and new codes
+ROWS_EXTRA_BYTES = 10
 
 
 def parse_bytes(text: str) -> int:
@@ -107,17 +110,16 @@ def _float_optim_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[int
 def _int8_transients(s: int, mn: int, device_type: str, fused: bool) -> tuple[int, int, int]:
     """(dequantize, update, extra for the step-1 startup guard) transient bytes of an m·n int8 matrix.
 
-    Eager: row chunks of quant.chunk_elems(device) elements (CPU 256K, CUDA 8M); on CPU with bf16 an
-    fp32 copy of the whole gradient (4 B/elem) exists at some point of the update, not at the same time
-    as the chunk buffers (tests/test_memory.py: their sum over-predicted by 15 %). Compiled: the
+    Eager: row chunks of quant.chunk_elems(device) elements (CPU 256K, CUDA 8M); the gradient is upcast
+    chunk by chunk inside them (an earlier whole-gradient fp32 copy on CPU with bf16 is gone: a 4096 ×
+    11008 bf16 update measured 7.6 MB of transient = 29 B × 256K, not 4 B × 45M). Compiled: the
     s-byte output / the gradient only; the guard copies the old codes (1 B/elem) and compares them in
     4M-element chunks (bool mask + CUDA's int64 sum)."""
     if fused:
         return s * mn, s * mn, mn + (1 + 8) * min(mn, 1 << 22)
     chunk = min(mn, quant.chunk_elems(device_type))
-    upcast = 4 * mn if (s != 4 and device_type != "cuda") else 0
     dequant = 8 * mn if s == 4 else s * mn + DEQUANT_CHUNK_BYTES * chunk  # fp32: whole (output + a temporary)
-    return dequant, s * mn + max(UPDATE_CHUNK_BYTES * chunk, upcast), 0
+    return dequant, s * mn + UPDATE_CHUNK_BYTES * chunk, 0
 
 
 def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = None, world_size: int = 1) -> dict:
@@ -147,10 +149,14 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
 
     # ---- persistent ----------------------------------------------------------------------------
     tied = m.tie_word_embeddings  # lm_head is the embedding: one V·h tensor and one optimizer state
+    lean = m.lean_head  # embed and lm_head int8 with APOLLO-Mini (config refuses it with tied/float weights)
     float_tensors = [V * h] * (1 if tied else 2) + [h] * (2 * L + 1)  # embed, lm_head, norms
+    if lean:
+        float_tensors = [0, 0] + [h] * (2 * L + 1)  # keeps fstate[0] / fstate[1] as embed / lm_head
     if m.weight_quant:
-        groups = mat_elems // m.group_size
-        c["int8_codes"] = mat_elems
+        int8_elems = mat_elems + (2 * V * h if lean else 0)
+        groups = int8_elems // m.group_size
+        c["int8_codes"] = int8_elems
         c["int8_scales"] = 4 * groups
         c["int8_zeros"] = groups
     else:
@@ -165,11 +171,15 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     else:
         # M and V (fp32, max(m,n)·rank each) + the projection (fp32, min(m,n)·rank) + prev norm
         c["apollo_states"] = L * sum(4 * o.rank * (2 * max(a, b) + min(a, b)) + 4 for _, a, b in mats)
+        if lean:  # the same for the (V, h) embedding and lm_head, V >= h
+            c["apollo_states"] += 2 * (4 * o.rank * (2 * V + h) + 4)
     lagged = t.accum_mode == "lagged" and o.name != "adamw"
     if lagged:
         # + the window's summed projected gradient (max(m,n)·rank) and the lagged scale (1 or per channel)
         c["apollo_states"] += L * sum(4 * o.rank * max(a, b) + 4 * (1 if o.scale_type == "tensor" else max(a, b))
                                       for _, a, b in mats)
+        if lean:
+            c["apollo_states"] += 2 * (4 * o.rank * V + 4)
     if t.grad_accum_steps > 1:
         if lagged:
             # only the float tensors (embed, lm_head, norms) accumulate a gradient (layerwise.py)
@@ -213,6 +223,16 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         return max(s * V * h, transient) if acc else s * V * h + transient
     phases["head"] = acts + s * N * h + grad_then_update(max(head_t, 0))
     phases["head (step 1)"] = phases["head"] + (0 if tied else clone) - fstate[0][0]
+    if lean:
+        # lm_head's gradient only slice by slice (loss.HeadGradSlices, read twice): the hidden states' fp32
+        # gradient, R (fp32, V), one slice's dequantized rows, logits/softmax and gradient, and its update
+        phases["head"] = acts + s * N * h + 4 * N * h + 4 * V + _lean_head_slice_bytes(s, N, V, h, device_type)
+        phases["head (step 1)"] = phases["head"]
+        # the forward's slices: dequantizing one (two fp32 temporaries + the s-byte cast unless fp32), then
+        # its logits, (z - max) and exp (12 B per token·row; the rows are freed once the matmul is done)
+        rows = _head_rows(N, V, h)
+        loss_peak = max((8 + (s if s != 4 else 0)) * rows * h, 12 * N * rows)
+        phases["loss"] = acts + loss_peak
     # one decoder layer's backward: the largest matrix dequantized (into an s-byte output) or its weight
     # gradient plus the update's buffers, over ~3 activation gradients
     guard_t = 0
@@ -236,6 +256,12 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
     phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + grad_then_update(emb_t) + \
         (s * V * h if tied and not acc else 0)
     phases["embed (step 1)"] = phases["embed"] + clone
+    if lean:
+        # the batch's rows only (model.RowGrad, fp32) and their int8 update (quant.update_rows_)
+        k_elems = min(N, V) * h
+        rows_t = (UPDATE_CHUNK_BYTES + ROWS_EXTRA_BYTES) * min(k_elems, quant.chunk_elems(device_type))
+        phases["embed"] = (c_act_ckpt - norm if ckpt else 0) + s * N * h + 4 * k_elems + rows_t
+        phases["embed (step 1)"] = phases["embed"]
     dp = _data_parallel_extra(world_size, s, mn_max, V * h, head_t, mat_t, acc, lagged, tied)
     for k in phases:
         phases[k] += dp[k.split()[0]]
@@ -248,9 +274,12 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         "activations_bytes": acts, "activations_full_bytes": c_act_full + loss_saved,
         "activations_ckpt_bytes": c_act_ckpt + loss_saved, "loss_saved_bytes": loss_saved,
         "largest_transient": {"dequantize": dequant_t if m.weight_quant else 0,
-                              "matrix_grad": s * mn_max, "embed_or_head_grad": s * V * h,
+                              "matrix_grad": s * mn_max,
+                              # lean: one lm_head slice's gradient (never the whole V·h one)
+                              "embed_or_head_grad": s * (_head_rows(N, V, h) if lean else V) * h,
                               "logits_loss": loss_peak, "float_optim_update": max(head_t, emb_t),
-                              "first_step_guard_copy": clone},
+                              "first_step_guard_copy": 0 if lean else clone},
+        "lean_head": lean,
         "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
         "world_size": world_size, "data_parallel_bytes": dp,
         "tokens_per_step": N * t.grad_accum_steps * world_size,
@@ -259,6 +288,22 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
         "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
         "rss_bytes": peak + CPU_PROCESS_BYTES if device_type == "cpu" else None,
     }
+
+
+def _head_rows(n_tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of one slice of the int8 lm_head (loss.head_slice_rows; the arithmetic copied: no import of loss)."""
+    ck = max(1, min(vocab, LOSS_CHUNK_ELEMS // max(1, n_tokens)))
+    return max(1, min(ck, HEAD_SLICE_ELEMS // hidden))
+
+
+def _lean_head_slice_bytes(s: int, N: int, V: int, h: int, device_type: str) -> int:
+    """Transients of one lm_head slice in the lean head's backward, two moments that do not overlap: its
+    dequantized rows (s B/elem) with the slice's softmax gradient (fp32 and its s-byte cast) and the hidden
+    gradient's product; then the slice's gradient (s B/elem) with the eager int8 update's row-chunk buffers."""
+    rows = _head_rows(N, V, h)
+    _, upd, _ = _int8_transients(s, rows * h, device_type, fused=False)
+    logits = s * rows * h + (4 + (s if s != 4 else 0)) * N * rows + (s * N * h if s != 4 else 0)
+    return max(logits, upd)
 
 
 def _data_parallel_extra(world: int, s: int, mn_max: int, head_elems: int, head_t: int, mat_t: int, acc: bool,
@@ -338,7 +383,8 @@ def advice(plan: dict) -> str:
             "layer": "set model.activation_checkpointing=true or lower train.batch_size / train.seq_len",
             "head": "set model.activation_checkpointing=true, lower train.batch_size, or optim.float_optim=adam8bit",
             "embed": "use optim.float_optim=adam8bit or a smaller model.vocab_size"}
-    return tips[plan["phase"].split()[0]] + "; or pick a smaller model config"
+    lean = "" if plan.get("lean_head") else ", or set model.lean_head=true (LLaMA-7B: configs/llama_7b_8gb.yaml)"
+    return tips[plan["phase"].split()[0]] + "; or pick a smaller model config" + lean
 
 
 def plan_main(argv: list[str]) -> int:
@@ -357,6 +403,8 @@ def plan_main(argv: list[str]) -> int:
     plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of ranks must be >= 1")
+    if args.nproc > 1 and cfg.model.lean_head:
+        raise ConfigError("model.lean_head=true does not run data-parallel yet: plan it with --nproc 1")
     plan = predict_peak(cfg, args.device, world_size=args.nproc)
     try:
         budget = parse_bytes(args.budget) if args.budget else None
@@ -369,8 +417,45 @@ def plan_main(argv: list[str]) -> int:
         print(format_plan(plan, budget))
     if budget is not None and plan["peak_bytes"] + plan["context_bytes"] > budget:
         print(f"to fit: {advice(plan)}", file=sys.stderr)
+        lean = _lean_suggestion(cfg, args.device, args.nproc, budget)
+        if lean:
+            print(lean, file=sys.stderr)
         return 1
     return 0
+
+
+def _lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:
+    """When a config does not fit: model.lean_head=true on it, if that is valid and fits; else the 8 GB
+    preset (configs/llama_7b_8gb.yaml, batch 1 × 256) when the model has its shape and it fits."""
+    import copy
+    import os
+    from .config import DEFAULT_CONFIG, ConfigError, load_config, validate
+    if cfg.model.lean_head or nproc > 1:
+        return ""
+    lean = copy.deepcopy(cfg)
+    lean.model.lean_head = True
+    try:
+        validate(lean)
+        total = predict_peak(lean, device)["peak_bytes"] + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+        if total <= budget:
+            return (f"with model.lean_head=true (int8 embedding and lm_head with APOLLO-Mini) it fits: {fmt(total)} "
+                    f"incl. context; the LLaMA-7B preset for 8 GB cards is configs/llama_7b_8gb.yaml")
+    except ConfigError:
+        pass
+    preset_path = os.path.join(os.path.dirname(DEFAULT_CONFIG), "llama_7b_8gb.yaml")
+    if not os.path.exists(preset_path):
+        return ""
+    preset = load_config(preset_path)
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    if any(getattr(preset.model, k) != getattr(cfg.model, k) for k in shape):
+        return ""
+    total = predict_peak(preset, device)["peak_bytes"] + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    if total > budget:
+        return ""
+    t = preset.train
+    return (f"the 8 GB preset configs/llama_7b_8gb.yaml (model.lean_head=true, batch {t.batch_size} × {t.seq_len}"
+            f"{f' × {t.grad_accum_steps} micro-batches' if t.grad_accum_steps > 1 else ''}) fits: {fmt(total)} incl. "
+            f"context")
 
 
 # ---- measurement ---------------------------------------------------------------------------------

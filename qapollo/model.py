@@ -70,6 +70,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_zero", torch.empty(n_groups, dtype=torch.uint8, device=device))
         self._anchor = torch.empty(0, device=device, requires_grad=True)
         self.grad_hook = None  # callable(module, grad); None: keep the gradient in .weight_grad
+        self.slice_hook = None  # callable(module, slices): lm_head's gradient given slice by slice (lean_head)
         self.weight_grad = None
         self.param_name = ""
         self.fused = False  # compiled whole-matrix kernels (fused.py) instead of the eager row chunks
@@ -107,6 +108,14 @@ class Int8Linear(nn.Module):
         else:
             self.weight_grad += grad
 
+    def receive_slices(self, src) -> None:
+        """A gradient that exists only slice by slice (loss.HeadGradSlices: lm_head inside the chunked loss):
+        `slice_hook` consumes it slice by slice; without one it is made whole and handed on as usual."""
+        if self.slice_hook is not None:
+            self.slice_hook(self, src)
+        else:
+            self.receive_grad(src.full())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._anchor.device != x.device:
             self._anchor = torch.empty(0, device=x.device, requires_grad=True)
@@ -114,6 +123,65 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, int8"
+
+
+class RowGrad:
+    """A sparse gradient of an (m, n) matrix: distinct `rows` (k,) int64 and their gradient `values` (k, n).
+    What an `Int8Embedding` hands on: only the rows of the batch's tokens are non-zero."""
+
+    def __init__(self, rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
+        self.rows, self.values, self.shape = rows, values, tuple(shape)
+
+    def __add__(self, other: "RowGrad") -> "RowGrad":
+        return coalesce(torch.cat([self.rows, other.rows]), torch.cat([self.values, other.values]), self.shape)
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        return out.index_add_(0, self.rows, self.values)
+
+
+def coalesce(rows: torch.Tensor, values: torch.Tensor, shape) -> RowGrad:
+    """Sum the values of repeated rows (fp32): one entry per distinct row, rows ascending."""
+    uniq, inv = torch.unique(rows, return_inverse=True)
+    out = torch.zeros((uniq.shape[0], values.shape[-1]), dtype=torch.float32, device=values.device)
+    return RowGrad(uniq, out.index_add_(0, inv, values.float()), shape)
+
+
+class _Int8EmbeddingFn(torch.autograd.Function):
+    """Lookup of int8 rows; backward hands the module a RowGrad (the batch's rows only, summed in fp32):
+    the dense (vocab, hidden) gradient never exists."""
+
+    @staticmethod
+    def forward(ctx, ids, anchor, module):
+        ctx.save_for_backward(ids)
+        ctx.module = module
+        return quant.dequantize_rows(module.weight_codes, module.weight_scale, module.weight_zero,
+                                     module.group_size, ids, module.out_dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (ids,) = ctx.saved_tensors
+        mod = ctx.module
+        mod.receive_grad(coalesce(ids.reshape(-1), gy.reshape(-1, gy.shape[-1]), mod.shape))
+        return None, None, None
+
+
+class Int8Embedding(Int8Linear):
+    """nn.Embedding stored as uint8 codes + per-group scale/zero (the (vocab, hidden) layout of Int8Linear,
+    so checkpoints, export and the optimizer treat it as one more int8 matrix). hidden % group_size == 0:
+    a row is whole groups."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int, device, dtype: torch.dtype):
+        super().__init__(embedding_dim, num_embeddings, group_size, device)
+        self.out_dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._anchor.device != ids.device:
+            self._anchor = torch.empty(0, device=ids.device, requires_grad=True)
+        return _Int8EmbeddingFn.apply(ids, self._anchor, self)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.out_features}, dim={self.in_features}, group_size={self.group_size}, int8"
 
 
 def llama_config(mcfg) -> LlamaConfig:
@@ -153,6 +221,13 @@ def _replace_projections(model: nn.Module, mcfg, device) -> None:
                 setattr(parent, name, q)
 
 
+def _make_head_int8(model: nn.Module, mcfg, dtype: torch.dtype) -> None:
+    """model.lean_head: embedding and lm_head as int8 modules (on meta, like the projections)."""
+    v, h = mcfg.vocab_size, mcfg.hidden_size
+    model.model.embed_tokens = Int8Embedding(v, h, mcfg.group_size, "meta", dtype)
+    model.lm_head = Int8Linear(h, v, mcfg.group_size, "meta")
+
+
 @torch.no_grad()
 def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: bool = True) -> LlamaForCausalLM:
     """Build and initialise the model directly on `device` (int8 projections unless weight_quant=false).
@@ -165,6 +240,8 @@ def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: b
         model = LlamaForCausalLM(hf_cfg).to(dtype)  # on meta: only the dtype label changes
         if mcfg.weight_quant:
             _replace_projections(model, mcfg, "meta")
+        if mcfg.lean_head:
+            _make_head_int8(model, mcfg, dtype)
     model.to_empty(device=device)  # allocates, does not initialise: done below, tensor by tensor
     if mcfg.tie_word_embeddings:  # to_empty gives lm_head a tensor of its own: share the embedding again
         model.lm_head.weight = model.model.embed_tokens.weight

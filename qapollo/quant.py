@@ -72,7 +72,9 @@ def sr_noise(shape, start, device) -> torch.Tensor:
     `start` = key + index of the block's first element (int, or 0-d int64 tensor); only its low 32 bits
     and the element offsets matter, so the key is a per-(tensor, step) 32-bit value."""
     n = math.prod(shape)
-    if isinstance(start, int) and 0 <= start and start + n <= 1 << 32:  # eager: no wrap, one pass fewer
+    if torch.is_tensor(start) and start.dim() > 0:  # one int64 start per element (gathered rows)
+        x = start.reshape(-1).bitwise_and(_M32)
+    elif isinstance(start, int) and 0 <= start and start + n <= 1 << 32:  # eager: no wrap, one pass fewer
         x = torch.arange(start, start + n, dtype=torch.int64, device=device)
     else:
         x = torch.arange(n, dtype=torch.int64, device=device).add_(start).bitwise_and_(_M32)
@@ -204,7 +206,7 @@ def _coef_rows(coef: torch.Tensor, rows: slice) -> torch.Tensor:
 def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                       grad: torch.Tensor, coef: torch.Tensor, decay: torch.Tensor | None = None, *,
                       stochastic: bool, seed: int = 0, count_changes: bool = False,
-                      max_elems: int | None = None, keep: torch.Tensor | None = None) -> int:
+                      max_elems: int | None = None, keep: torch.Tensor | None = None, offset: int = 0) -> int:
     """In place: W ← requant((dequant(W) + coef·grad) · decay), row chunk by row chunk (eager reference).
 
     coef: 0-d or per-row (m, 1) / per-column (1, n) fp32 multiplier (e.g. -lr·√scale·c of APOLLO);
@@ -214,17 +216,57 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     or zero points changed (the startup guard's proof that the write happened; it costs a device sync,
     so it is off in the steady state); else 0. `keep`, a 0-d bool tensor on the device, keeps the old
     codes/scales/zeros bit for bit where True (a non-finite gradient: even a zero update would
-    requantize) without a host sync.
+    requantize) without a host sync. `offset`: the element index of the block's first element in its
+    whole matrix (a row slice of lm_head updated on its own gets the noise the whole matrix would).
     """
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)
     n = codes.shape[1]
     for rows, gs in row_chunks(tuple(codes.shape), group_size, max_elems or chunk_elems(codes.device)):
         c = codes[rows]
         new = update_groups(c, scale[gs], zero[gs], grad[rows], _coef_rows(coef, rows), decay,
-                            noise_key(seed) + rows.start * n, group_size, stochastic, keep)
+                            noise_key(seed) + offset + rows.start * n, group_size, stochastic, keep)
         if count_changes:
             changed += changes((c, scale[gs], zero[gs]), new)
         c.copy_(new[0])
         scale[gs] = new[1]
         zero[gs] = new[2]
+    return int(changed) if count_changes else 0
+
+
+def row_groups(rows: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
+    """Group indices (k, n/g) of whole rows `rows` (k,) of an (m, n) matrix with n % g == 0."""
+    per = n // group_size
+    return rows[:, None] * per + torch.arange(per, device=rows.device)
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                    rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows `rows` (any shape of indices) of an (m, n) int8 matrix as `dtype` (an embedding lookup)."""
+    n = codes.shape[1]
+    flat = rows.reshape(-1)
+    gi = row_groups(flat, n, group_size)
+    w = dequantize_groups(codes[flat].reshape(-1, group_size), scale[gi].reshape(-1), zero[gi].reshape(-1), dtype)
+    return w.reshape(*rows.shape, n)
+
+
+@torch.no_grad()
+def update_rows_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, rows: torch.Tensor,
+                 grad_rows: torch.Tensor, coef: torch.Tensor, *, stochastic: bool, seed: int = 0,
+                 count_changes: bool = False, keep: torch.Tensor | None = None) -> int:
+    """update_quantized_ on the distinct rows `rows` (k,) only, with the gradient's rows (k, n): a sparse
+    (embedding) gradient. Needs n % g == 0. Each element gets the rounding noise of its place in the whole
+    matrix, as the dense update would; rows not listed are untouched. Returns changes as update_quantized_."""
+    n = codes.shape[1]
+    changed = torch.zeros((), dtype=torch.int64, device=codes.device)
+    step = max(1, chunk_elems(codes.device) // n)
+    col = torch.arange(n, dtype=torch.int64, device=codes.device)
+    for i in range(0, rows.shape[0], step):
+        r = rows[i:i + step]
+        gi = row_groups(r, n, group_size).reshape(-1)
+        c, sc, z = codes[r], scale[gi], zero[gi]
+        start = (r[:, None] * n + col).add_(noise_key(seed))
+        new = update_groups(c, sc, z, grad_rows[i:i + step], coef, None, start, group_size, stochastic, keep)
+        if count_changes:
+            changed += changes((c, sc, z), new)
+        codes[r], scale[gi], zero[gi] = new
     return int(changed) if count_changes else 0

@@ -92,6 +92,10 @@ VARIANTS = {
     # accumulation resumes too: exact (gradients held across micro-batches) and lagged (lagged scale state)
     "int8-exact-accum2": dict(train__grad_accum_steps=2, optim__update_proj_gap=2),
     "int8-lagged-accum2": dict(train__grad_accum_steps=2, train__accum_mode="lagged", optim__update_proj_gap=2),
+    # model.lean_head: int8 embedding / lm_head with APOLLO-Mini states, alone and with lagged accumulation
+    "int8-lean-head": dict(model__lean_head=True, optim__update_proj_gap=2),
+    "int8-lean-head-lagged-accum2": dict(model__lean_head=True, train__grad_accum_steps=2, train__accum_mode="lagged",
+                                         optim__update_proj_gap=2),
 }
 
 

@@ -21,10 +21,12 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["int8", "float"])
+# lean: model.lean_head, the embedding and lm_head int8 too (exported dequantized like the projections)
+@pytest.fixture(scope="module", params=[dict(model__weight_quant=True), dict(model__weight_quant=False),
+                                        dict(model__lean_head=True)], ids=["int8", "float", "lean"])
 def trained(request, corpus, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("exp")
-    tr = run(make_cfg(corpus, out, "r", train__max_steps=3, model__weight_quant=request.param))
+    tr = run(make_cfg(corpus, out, "r", train__max_steps=3, **request.param))
     return tr, os.path.join(out, "r")
 
 

@@ -101,3 +101,20 @@ def test_parse_bytes_and_cli(capsys):
     out = capsys.readouterr().out
     assert "PREDICTED PEAK" in out and "fits" in out
     assert plan_main(["--config", "configs/llama_7b.yaml", "--budget", "6GiB"]) == 1
+
+
+def test_8gb_preset_plan_and_budget_suggestion(capsys):
+    """configs/llama_7b_8gb.yaml: ≤ 7.0 GiB on CUDA at seq 256 batch 1 (context not included), and
+    `plan --budget 8GiB` on the default 7B recipe, which does not fit, names it."""
+    cfg = load_config("configs/llama_7b_8gb.yaml")
+    assert cfg.model.lean_head and (cfg.train.batch_size, cfg.train.seq_len) == (1, 256)
+    plan = predict_peak(cfg, "cuda")
+    assert plan["peak_bytes"] <= 7.0 * 2**30, plan["peak_bytes"] / 2**30
+    assert plan["components"]["float_optim_states"] < 2**20  # only the norms keep 8-bit Adam
+    default = predict_peak(load_config("configs/llama_7b.yaml", ["train.batch_size=1", "train.grad_accum_steps=1"]),
+                           "cuda")
+    assert default["peak_bytes"] - plan["peak_bytes"] > 0.5 * 2**30
+    assert plan_main(["--config", "configs/llama_7b_8gb.yaml", "--budget", "8GiB"]) == 0
+    capsys.readouterr()
+    assert plan_main(["--config", "configs/llama_7b.yaml", "--budget", "8GiB"]) == 1
+    assert "configs/llama_7b_8gb.yaml" in capsys.readouterr().err

@@ -159,6 +159,30 @@ def apollo_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
     return _guarded(grad, c, state, t == 1, math_dtype, norm_growth_limit, limiter_decay)
 
 
+def refresh_projection(shape: tuple[int, int], state: dict, rank: int, update_proj_gap: int, device) -> None:
+    """_refresh_projection for a gradient that is never whole (given by slices or rows)."""
+    if state["proj"] is None or state["step"] % update_proj_gap == 0:
+        state["proj"] = make_projection(shape, rank, state["seed"], device)
+        state["seed"] = next_seed(state["seed"])
+
+
+def projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, shape: tuple[int, int],
+                         beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                         norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
+    """apollo_multiplier (tensor-wise) from what it needs of G: R = project(G) and ‖G‖ (0-d, math dtype).
+
+    For a gradient that only exists slice by slice (lm_head inside the loss backward: R's rows are the
+    slices' projections, ‖G‖² the sum of theirs) or sparsely (the embedding's rows). The caller refreshes
+    the projection first (refresh_projection). Same equations, same state, as apollo_multiplier."""
+    m, v, t = _moments(state, r, beta1, beta2, commit=True)
+    c = _scale(r, m, v, t, shape, "tensor", beta1, beta2, eps)
+    u_norm = c * g_norm
+    finite = torch.isfinite(u_norm)
+    c = _limit(c, u_norm, state, t == 1, norm_growth_limit, limiter_decay)
+    state["finite"] = finite
+    return torch.where(finite, c, torch.zeros_like(c))
+
+
 def _guarded(grad, c, state, first, math_dtype, norm_growth_limit, limiter_decay) -> torch.Tensor:
     """Limiter, then c = 0 where the gradient is not finite; leaves state['finite'] (a device bool for
     the caller to take and read later: no host sync per tensor)."""
@@ -202,6 +226,29 @@ def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
         c = state["lag_scale"].to(math_dtype)
     c = _guarded(grad, c, state, first and state["r_count"] == 1, math_dtype, norm_growth_limit, limiter_decay)
     return c
+
+
+def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, shape: tuple[int, int],
+                                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                                norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
+    """lagged_multiplier (tensor-wise) from R = project(G) and ‖G‖ only (see projected_multiplier). The caller
+    refreshes the projection at a window's first micro-batch (state['r_count'] == 0)."""
+    math_dtype = r.dtype
+    if state.get("r_sum") is None:
+        state["r_sum"] = torch.zeros_like(state["exp_avg"])
+    state["r_sum"] = state["r_sum"].to(math_dtype).add_(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
+    state["r_count"] = state.get("r_count", 0) + 1
+    first = state["step"] == 0 and state.get("lag_scale") is None
+    if state.get("lag_scale") is None:
+        m, v, t = _moments(state, r, beta1, beta2, commit=False)
+        c = _scale(r, m, v, t, shape, "tensor", beta1, beta2, eps)
+    else:
+        c = state["lag_scale"].to(math_dtype)
+    u_norm = c * g_norm
+    finite = torch.isfinite(u_norm)
+    c = _limit(c, u_norm, state, first and state["r_count"] == 1, norm_growth_limit, limiter_decay)
+    state["finite"] = finite
+    return torch.where(finite, c, torch.zeros_like(c))
 
 
 def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, beta1: float = 0.9,
