@@ -18,6 +18,14 @@ PRESET_8GB = os.path.join(CONFIG_DIR, "llama_7b_8gb.yaml")
 _OOM_TYPES = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+class StepFailed(TrainError):
+    """A step ran out of memory part-way through: nothing of it was saved (on_step_failure words it)."""
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError naming the failed allocation
     return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
@@ -31,7 +39,6 @@ def on_step_failure(trainer, e: BaseException) -> BaseException:
     added to their message. Anything else is a bug: the same first part is printed, then its traceback.
     """
     from .layerwise import UpdateCheckError
-    from .train import StepFailed, TrainError
     what, tail = _what(e), ""
     if is_out_of_memory(e):
         tail = "; " + oom_advice(trainer)
@@ -51,7 +58,6 @@ def _what(e: BaseException) -> str:
         m = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(e))
         return "out of memory" + (f" (tried to allocate {m.group(1)})" if m else "")
     from .layerwise import UpdateCheckError
-    from .train import TrainError
     if isinstance(e, (TrainError, UpdateCheckError)):
         return str(e)
     lines = str(e).strip().splitlines()

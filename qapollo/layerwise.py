@@ -104,7 +104,7 @@ class ApolloUpdater:
         (the vocabulary side is the larger one, so P compresses the hidden side), ‖G‖ is theirs: the
         tensor-wise APOLLO-Mini step is exact. Rows not in the batch keep their weights; their moments decay
         as the dense step's would."""
-        st, o, t = self.state, self.o, self.target
+        st, t = self.state, self.target
         g = grad.values
         self._refresh(g.device)
         math_dtype = torch.promote_types(g.dtype, torch.float32)
@@ -120,7 +120,7 @@ class ApolloUpdater:
         slices of it) and ‖G‖² summed over slices give APOLLO-Mini's scale; then each slice is recomputed and
         applied to its rows at once. The full gradient never exists; the step is the exact (not lagged) one,
         at the price of recomputing the head's logits once more."""
-        st, o, t = self.state, self.o, self.target
+        st, t = self.state, self.target
         self._refresh(t.weight_codes.device)
         r = torch.zeros(st["exp_avg"].shape, dtype=torch.float32, device=t.weight_codes.device)
         sq = torch.zeros((), dtype=torch.float32, device=r.device)

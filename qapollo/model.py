@@ -116,10 +116,14 @@ class Int8Linear(nn.Module):
         else:
             self.receive_grad(src.full())
 
+    def anchor_on(self, device: torch.device) -> torch.Tensor:
+        """The empty tensor that requires grad, so that backward reaches this module's hook (on `device`)."""
+        if self._anchor.device != device:
+            self._anchor = torch.empty(0, device=device, requires_grad=True)
+        return self._anchor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._anchor.device != x.device:
-            self._anchor = torch.empty(0, device=x.device, requires_grad=True)
-        return _Int8LinearFn.apply(x, self._anchor, self)
+        return _Int8LinearFn.apply(x, self.anchor_on(x.device), self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, int8"
@@ -176,9 +180,7 @@ class Int8Embedding(Int8Linear):
         self.out_dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._anchor.device != ids.device:
-            self._anchor = torch.empty(0, device=ids.device, requires_grad=True)
-        return _Int8EmbeddingFn.apply(ids, self._anchor, self)
+        return _Int8EmbeddingFn.apply(ids, self.anchor_on(ids.device), self)
 
     def extra_repr(self) -> str:
         return f"vocab={self.out_features}, dim={self.in_features}, group_size={self.group_size}, int8"

@@ -11,20 +11,13 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import Config, flat_dict, stable_lrs
+from .failures import StepFailed, TrainError, on_step_failure  # noqa: F401 (StepFailed: callers import it from here)
 from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
 from .hf_import import load_weights, resolve_init_from
 from .metrics import MetricsLog, NullMetrics, peak_mem_bytes, require_tensorboard, rss_bytes
 from .model import build_model, count_params, enable_activation_checkpointing
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
-
-
-class StepFailed(TrainError):
-    """A step ran out of memory part-way through: nothing of it was saved (failures.py words it)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -189,7 +182,6 @@ class Trainer:
         try:
             loss = self.train_step()
         except BaseException as e:  # any exception between the first batch and the end of the update
-            from .failures import on_step_failure
             err = on_step_failure(self, e)  # says what happened and where a resume continues
             if err is e:
                 raise

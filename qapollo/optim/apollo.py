@@ -203,6 +203,21 @@ def _guarded(grad, c, state, first, math_dtype, norm_growth_limit, limiter_decay
 # has no previous scale: each of its micro-batches uses the scale its own R_i would give (a peek at the
 # moments, not committed). Extra state: the R buffer (max(m,n)·rank) and c (one scalar or one per channel).
 
+def _lagged_scale(r: torch.Tensor, state: dict, shape, scale_type: str, beta1: float, beta2: float,
+                  eps: float) -> tuple[torch.Tensor, bool]:
+    """Add one micro-batch's R to the window's sum; the scale to apply: the previous window's (lag_scale),
+    or in the very first window this micro-batch's own. Also: is this the run's first window?"""
+    if state.get("r_sum") is None:
+        state["r_sum"] = torch.zeros_like(state["exp_avg"])
+    state["r_sum"] = state["r_sum"].to(r.dtype).add_(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
+    state["r_count"] = state.get("r_count", 0) + 1
+    first = state["step"] == 0 and state.get("lag_scale") is None
+    if state.get("lag_scale") is None:
+        m, v, t = _moments(state, r, beta1, beta2, commit=False)
+        return _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps), first
+    return state["lag_scale"].to(r.dtype), first
+
+
 def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type: str, update_proj_gap: int,
                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                       norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
@@ -214,16 +229,7 @@ def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
     if state.get("r_count", 0) == 0:  # first micro-batch of a window: P is fixed for the whole window
         _refresh_projection(grad, state, rank, update_proj_gap)
     r = project(grad, state["proj"]).to(math_dtype)
-    if state.get("r_sum") is None:
-        state["r_sum"] = torch.zeros_like(state["exp_avg"])
-    state["r_sum"] = state["r_sum"].to(math_dtype).add_(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
-    state["r_count"] = state.get("r_count", 0) + 1
-    first = state["step"] == 0 and state.get("lag_scale") is None
-    if state.get("lag_scale") is None:
-        m, v, t = _moments(state, r, beta1, beta2, commit=False)
-        c = _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps)
-    else:
-        c = state["lag_scale"].to(math_dtype)
+    c, first = _lagged_scale(r, state, shape, scale_type, beta1, beta2, eps)
     c = _guarded(grad, c, state, first and state["r_count"] == 1, math_dtype, norm_growth_limit, limiter_decay)
     return c
 
@@ -233,17 +239,7 @@ def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: di
                                 norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
     """lagged_multiplier (tensor-wise) from R = project(G) and ‖G‖ only (see projected_multiplier). The caller
     refreshes the projection at a window's first micro-batch (state['r_count'] == 0)."""
-    math_dtype = r.dtype
-    if state.get("r_sum") is None:
-        state["r_sum"] = torch.zeros_like(state["exp_avg"])
-    state["r_sum"] = state["r_sum"].to(math_dtype).add_(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
-    state["r_count"] = state.get("r_count", 0) + 1
-    first = state["step"] == 0 and state.get("lag_scale") is None
-    if state.get("lag_scale") is None:
-        m, v, t = _moments(state, r, beta1, beta2, commit=False)
-        c = _scale(r, m, v, t, shape, "tensor", beta1, beta2, eps)
-    else:
-        c = state["lag_scale"].to(math_dtype)
+    c, first = _lagged_scale(r, state, shape, "tensor", beta1, beta2, eps)
     u_norm = c * g_norm
     finite = torch.isfinite(u_norm)
     c = _limit(c, u_norm, state, first and state["r_count"] == 1, norm_growth_limit, limiter_decay)
