@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -20,16 +21,36 @@ import yaml
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
 
 
+# (width, peak lr) the width-faithful stability probe found stable (benchmarks/stability.py, BENCHMARKS.md:
+# 2 decoder layers, 2,048 tokens per step, 25 steps): APOLLO-Mini matrices, and the float tensors' 8-bit Adam
+STABLE_LR_MATRICES = ((256, 3e-3), (1024, 3e-3), (2048, 1e-3), (4096, 7.5e-4))
+STABLE_LR_FLOAT = ((256, 3e-3), (1024, 7.5e-4), (2048, 2e-4), (4096, 1.875e-4))
+
+
+def _log_interp(points, x: float) -> float:
+    """Piecewise power law through `points`; flat below the first, ∝ 1/x beyond the last."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x == x1:
+            return y1
+        if x < x1:
+            k = math.log(y1 / y0) / math.log(x1 / x0)
+            return y0 * (x / x0) ** k
+    x1, y1 = points[-1]
+    return y1 * x1 / x
+
+
 def stable_lrs(hidden_size: int) -> tuple[float, float]:
-    """(APOLLO matrices' peak lr, float tensors' peak lr) that the width-faithful stability probe found
-    stable at this width (benchmarks/stability.py; tables in BENCHMARKS.md). The shipped configs use them.
+    """(APOLLO matrices' peak lr, float tensors' peak lr) for a model of this width: the probe's table,
+    interpolated (the shipped configs use it; `train` notes an lr more than 2x above it).
 
     APOLLO-Mini's update norm does not depend on the gradient's scale, so its stable lr does not rise with
-    width the way SGD's would: 3e-3 held at widths 256 to 1024 (1e-2 spiked at both), and above that it
-    falls like 1/width (muP's rule for Adam-like hidden matrices): 2e-3 spiked at 4096, 7.5e-4 trains. The
-    embedding/lm_head/norms' 8-bit Adam is held to 3e-3·256/width (the muP output-layer rule).
+    width: 3e-3 held from width 256 to 1024 (1e-2 spiked at both), 1e-3 at 2048 (1.5e-3 jumped 1.04-1.05
+    nats on two seeds), 7.5e-4 and 1e-3 at 4096 (2e-3 spiked by 4.4 nats). The embedding/lm_head/norms'
+    Adam follows 3e-3·256/width (muP's output-layer rule) down to 2e-4 at 2048, where 3.75e-4 failed.
     """
-    return 3e-3 * min(1.0, 1024 / hidden_size), 3e-3 * min(1.0, 256 / hidden_size)
+    return _log_interp(STABLE_LR_MATRICES, hidden_size), _log_interp(STABLE_LR_FLOAT, hidden_size)
 
 
 class ConfigError(ValueError):
