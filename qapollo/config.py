@@ -19,6 +19,8 @@ import yaml
 
 # The 7B recipe: what `python run_7b.py` and `qapollo plan` use when no --config is given.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama_7b.yaml")
+# LLaMA-7B for 8 GB cards (model.lean_head): what `qapollo plan --budget` and out-of-memory advice point to.
+PRESET_8GB = os.path.join(os.path.dirname(DEFAULT_CONFIG), "llama_7b_8gb.yaml")
 
 
 # (width, peak lr) the width-faithful stability probe found stable (benchmarks/stability.py, BENCHMARKS.md:

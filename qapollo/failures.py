@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-PRESET_8GB = os.path.join(CONFIG_DIR, "llama_7b_8gb.yaml")
+from .config import PRESET_8GB
+
 _OOM_TYPES = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 

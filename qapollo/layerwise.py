@@ -134,9 +134,8 @@ class ApolloUpdater:
         changed, n = [0], self.shape[1]
 
         def apply(sl, g):
-            gs = slice(sl.start * n // t.group_size, sl.stop * n // t.group_size)
-            changed[0] += quant.update_quantized_(t.weight_codes[sl], t.weight_scale[gs], t.weight_zero[gs],
-                                                  t.group_size, g, coef, None, stochastic=self.stochastic, seed=seed,
+            changed[0] += quant.update_quantized_(*t.row_block(sl.start, sl.stop), t.group_size, g, coef, None,
+                                                  stochastic=self.stochastic, seed=seed,
                                                   count_changes=count_changes, keep=keep, offset=sl.start * n)
         src.each(apply)
         return changed[0]
@@ -366,7 +365,7 @@ class LayerwiseOptimizer:
             self._int8_hook(mod, src.full())
             return
         upd = self.updaters[name]
-        changed = upd.step_slices(src, self._lr_of(name, upd), self.count_changes)
+        changed = upd.step_slices(src, self._lr_of(name), self.count_changes)
         self._record(name, upd, changed)
 
     def _make_float_hook(self, name: str):
@@ -387,16 +386,14 @@ class LayerwiseOptimizer:
 
     def _update(self, name: str, grad: torch.Tensor) -> None:
         upd = self.updaters[name]
-        lr = self._lr_of(name, upd)
+        lr = self._lr_of(name)
         self._record(name, upd, upd.step(grad, lr, self.count_changes))
 
-    def _lr_of(self, name: str, upd) -> float:
+    def _lr_of(self, name: str) -> float:
         """`lr` for the APOLLO matrices; float_lr for embedding, lm_head and norms, whatever steps them: with
         model.lean_head, APOLLO-Mini on the embedding / lm_head at the matrices' lr diverged at width 4096
         (2-layer probe: 9.46 at step 7, 11.38 at step 11, above the first step's 11.20)."""
-        if name in self._matrices or (isinstance(upd, ApolloUpdater) and name not in self._lean):
-            return self.lr
-        return self.lr * self.float_lr_scale
+        return self.lr if name in self._matrices else self.lr * self.float_lr_scale
 
     def _record(self, name: str, upd, changed: int) -> None:
         self._flags.append((name, upd.finite_flag()))

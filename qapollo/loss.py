@@ -116,9 +116,7 @@ def head_slice_rows(n_tokens: int, vocab: int, hidden: int) -> int:
 
 def head_rows(head, v0: int, v1: int, dtype):
     """Rows v0:v1 of an int8 lm_head, dequantized (whole groups: hidden % group_size == 0)."""
-    n, g = head.in_features, head.group_size
-    gs = slice(v0 * n // g, v1 * n // g)
-    return quant.dequantize(head.weight_codes[v0:v1], head.weight_scale[gs], head.weight_zero[gs], g, dtype)
+    return quant.dequantize(*head.row_block(v0, v1), head.group_size, dtype)
 
 
 class HeadGradSlices:
@@ -153,6 +151,12 @@ class HeadGradSlices:
             del g
             fn(slice(v0, v1), gw)
 
+    def hidden_grad(self) -> torch.Tensor | None:
+        """The hidden states' gradient (fp32); one pass of its own if no consumer has read the slices."""
+        if self.gh is not None and self._passes == 0:
+            self.each(lambda sl, gw: None)
+        return self.gh
+
     def full(self) -> torch.Tensor:
         """The whole gradient (the plain path: no slice hook, e.g. accumulation in a reference run)."""
         out = torch.empty(self.shape, dtype=self.h.dtype, device=self.h.device)
@@ -179,9 +183,8 @@ class Int8HeadLoss(torch.autograd.Function):
         coef = (gout.float() / ctx.count.clamp(min=1).float()) * valid.float()
         src = HeadGradSlices(h, ctx.head, tgt, lse, coef, ctx.needs_input_grad[0])
         ctx.head.receive_slices(src)
-        if src.gh is not None and src._passes == 0:  # the consumer never looked: gh still needs its pass
-            src.each(lambda sl, gw: None)
-        return (src.gh.to(h.dtype) if src.gh is not None else None), None, None
+        gh = src.hidden_grad()
+        return (gh.to(h.dtype) if gh is not None else None), None, None
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:

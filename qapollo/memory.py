@@ -429,27 +429,30 @@ def _lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:
     preset (configs/llama_7b_8gb.yaml, batch 1 × 256) when the model has its shape and it fits."""
     import copy
     import os
-    from .config import DEFAULT_CONFIG, ConfigError, load_config, validate
+    from .config import PRESET_8GB, ConfigError, load_config, validate
     if cfg.model.lean_head or nproc > 1:
         return ""
+
+    def total_of(c) -> int:
+        plan = predict_peak(c, device)
+        return plan["peak_bytes"] + plan["context_bytes"]
     lean = copy.deepcopy(cfg)
     lean.model.lean_head = True
     try:
         validate(lean)
-        total = predict_peak(lean, device)["peak_bytes"] + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+        total = total_of(lean)
         if total <= budget:
             return (f"with model.lean_head=true (int8 embedding and lm_head with APOLLO-Mini) it fits: {fmt(total)} "
                     f"incl. context; the LLaMA-7B preset for 8 GB cards is configs/llama_7b_8gb.yaml")
     except ConfigError:
         pass
-    preset_path = os.path.join(os.path.dirname(DEFAULT_CONFIG), "llama_7b_8gb.yaml")
-    if not os.path.exists(preset_path):
+    if not os.path.exists(PRESET_8GB):
         return ""
-    preset = load_config(preset_path)
+    preset = load_config(PRESET_8GB)
     shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     if any(getattr(preset.model, k) != getattr(cfg.model, k) for k in shape):
         return ""
-    total = predict_peak(preset, device)["peak_bytes"] + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    total = total_of(preset)
     if total > budget:
         return ""
     t = preset.train

@@ -116,6 +116,11 @@ class Int8Linear(nn.Module):
         else:
             self.receive_grad(src.full())
 
+    def row_block(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scales, zeros) of rows v0:v1 (views); needs in_features % group_size == 0 (whole groups)."""
+        g = self.in_features // self.group_size
+        return self.weight_codes[v0:v1], self.weight_scale[v0 * g:v1 * g], self.weight_zero[v0 * g:v1 * g]
+
     def anchor_on(self, device: torch.device) -> torch.Tensor:
         """The empty tensor that requires grad, so that backward reaches this module's hook (on `device`)."""
         if self._anchor.device != device:

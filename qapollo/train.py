@@ -119,7 +119,7 @@ class Trainer:
             if lr > 2 * ok:
                 self._say(f"qapollo: note: {key}={lr:g} is {lr / ok:.1f}x the peak lr found stable at width "
                           f"{m.hidden_size} ({ok:.3g}; BENCHMARKS.md, 'Stable learning rates'): expect loss "
-                          f"spikes (the spike guard skips the worst) unless the batch is much larger")
+                          f"spikes (the spike guard skips the worst; a larger batch did not raise the stable lr)")
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> float | None:

@@ -176,17 +176,17 @@ def projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, 
     the projection first (refresh_projection). Same equations, same state, as apollo_multiplier."""
     m, v, t = _moments(state, r, beta1, beta2, commit=True)
     c = _scale(r, m, v, t, shape, "tensor", beta1, beta2, eps)
-    u_norm = c * g_norm
-    finite = torch.isfinite(u_norm)
-    c = _limit(c, u_norm, state, t == 1, norm_growth_limit, limiter_decay)
-    state["finite"] = finite
-    return torch.where(finite, c, torch.zeros_like(c))
+    return _limited(c, c * g_norm, state, t == 1, norm_growth_limit, limiter_decay)
 
 
 def _guarded(grad, c, state, first, math_dtype, norm_growth_limit, limiter_decay) -> torch.Tensor:
     """Limiter, then c = 0 where the gradient is not finite; leaves state['finite'] (a device bool for
     the caller to take and read later: no host sync per tensor)."""
-    u_norm = update_norm(grad, c, math_dtype)
+    return _limited(c, update_norm(grad, c, math_dtype), state, first, norm_growth_limit, limiter_decay)
+
+
+def _limited(c, u_norm, state, first, norm_growth_limit, limiter_decay) -> torch.Tensor:
+    """_guarded from the update's norm ‖c ⊙ G‖ (also for gradients given only by slices or rows)."""
     finite = torch.isfinite(u_norm)
     c = _limit(c, u_norm, state, first, norm_growth_limit, limiter_decay)
     state["finite"] = finite
@@ -240,11 +240,7 @@ def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: di
     """lagged_multiplier (tensor-wise) from R = project(G) and ‖G‖ only (see projected_multiplier). The caller
     refreshes the projection at a window's first micro-batch (state['r_count'] == 0)."""
     c, first = _lagged_scale(r, state, shape, "tensor", beta1, beta2, eps)
-    u_norm = c * g_norm
-    finite = torch.isfinite(u_norm)
-    c = _limit(c, u_norm, state, first and state["r_count"] == 1, norm_growth_limit, limiter_decay)
-    state["finite"] = finite
-    return torch.where(finite, c, torch.zeros_like(c))
+    return _limited(c, c * g_norm, state, first and state["r_count"] == 1, norm_growth_limit, limiter_decay)
 
 
 def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, beta1: float = 0.9,
