@@ -11,7 +11,7 @@ What keeps them compiled once and equal to the reference:
   holding several models (tests, benchmarks) does not silently fall back to eager.
 - Per-step values (coef = -lr·√scale·c, the weight-decay factor, the rounding key) arrive as 0-d device
   tensors: a Python float would be guarded by value and recompile every step.
-- No torch.Generator (it would force an eager RNG fallback): the noise is quant.sr_noise, an integer
+- No torch.Generator (it would force an eager RNG fallback): the noise is quant.sr_bits, an integer
   hash of (key, element index), which Inductor fuses into the kernel.
 - Eager-equal numerics: no FMA contraction, IEEE division and no flush of denormals in Triton
   (`emulate_precision_casts`, `eager_numerics.*`); Inductor's C++ backend already compiles with
@@ -106,11 +106,27 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True, options=_inductor_options())
 
 
-def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: int, stochastic: bool, keep) -> None:
-    nc, ns, nz = quant.update_groups(codes, scale, zero, grad, coef, decay, start, group_size, stochastic, keep)
+def _grid(codes, scale, zero, grad, coef, decay, group_size: int):
+    return quant.regrid(quant.code_units(codes, scale, zero, grad, coef, decay, group_size), scale, zero)
+
+
+def _round_inplace(codes, scale, zero, grad, coef, decay, ratio, new_zero, new_scale, start, group_size: int,
+                   stochastic: bool, keep) -> None:
+    u = quant.code_units(codes, scale, zero, grad, coef, decay, group_size)
+    nc = quant.round_onto(u, ratio, new_zero, start, stochastic).reshape(codes.shape)
+    nc, ns, nz = quant.keep_where(keep, (codes, scale, zero), (nc, new_scale, new_zero.to(torch.uint8)))
     codes.copy_(nc)
     scale.copy_(ns)
     zero.copy_(nz)
+
+
+def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: int, stochastic: bool, keep) -> None:
+    """quant.update_groups as two kernels: the per-group grid (a reduction over the block), then the
+    rounding pass. Both recompute the code-unit values from codes and gradient: nothing matrix-sized is
+    stored, and the per-group arithmetic runs once per group, not once per weight."""
+    ratio, new_zero, new_scale = _compiled(_grid)(codes, scale, zero, grad, coef, decay, group_size)
+    _compiled(_round_inplace)(codes, scale, zero, grad, coef, decay, ratio, new_zero, new_scale, start, group_size,
+                              stochastic, keep)
 
 
 @torch.no_grad()
@@ -131,7 +147,7 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     compared in 4M-element row chunks."""
     old = (codes.clone(), scale.clone(), zero.clone()) if count_changes else None
     start = torch.full((), quant.noise_key(seed), dtype=torch.int64, device=codes.device)  # no host sync
-    _compiled(_update_inplace)(codes, scale, zero, grad, coef, decay, start, group_size, stochastic, keep)
+    _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size, stochastic, keep)
     if old is None:
         return 0
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)

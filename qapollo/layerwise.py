@@ -173,7 +173,7 @@ class ApolloUpdater:
         if isinstance(self.target, Int8Linear):
             t = self.target
             # Rounding noise is a function of (seed, tensor, step, element): reproducible, order- and
-            # device-independent, nothing to save for resume (quant.sr_noise). A non-finite gradient
+            # device-independent, nothing to save for resume (quant.sr_bits). A non-finite gradient
             # (c = 0, the flag false) leaves codes, scales and zeros as they were (keep).
             return self._update_int8(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad,
                                      coef.float(), decay, stochastic=self.stochastic,

@@ -50,10 +50,10 @@ CPU_PROCESS_BYTES = int(0.45 * GiB)  # python + torch + transformers + bitsandby
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
 # Bytes per element of a row chunk of the eager int8 path (quant.py; LiveTensorCounter on CPU): the
-# update's fp32 weight, its fp32 rounding input and the int64 noise counters (29 B), the dequantize's
+# update's fp32 code-unit values, the int64 noise and rounding threshold (25.2 B measured), the dequantize's
 # fp32 temporaries into a bf16 output (8 B). The compiled path (fused.py) has none: whole matrix, no
 # fp32 copy.
-UPDATE_CHUNK_BYTES = 29
+UPDATE_CHUNK_BYTES = 26
 DEQUANT_CHUNK_BYTES = 8
 FLOAT_CHUNK_ELEMS = 1 << 22  # layerwise.TorchAdamUpdater.CHUNK_ELEMS (float tensors' optimizer chunks)
 LOSS_CHUNK_ELEMS = 1 << 22  # loss.py: N·chunk elements of logits at a time

@@ -8,9 +8,10 @@ Format (Q-GaLore / Q-APOLLO, group size 128):
     zero   uint8 (out*in/g,)            integer zero point per group
     w = (code - zero) * scale
 
-Every requantization recomputes scale/zero from the group's min/max, with 0 always inside the range:
-a single-signed group otherwise gets its zero point clamped and its extremes clipped (the bug unsloth
-PR #10841 found in a Q-GaLore port). The arithmetic runs in fp32: in bf16 most updates smaller than a
+Every requantization recomputes scale/zero from the group's min/max, with 0 always inside the range
+(a single-signed group otherwise gets its zero point clamped and its extremes clipped: the bug unsloth
+PR #10841 found in a Q-GaLore port) and both extremes on the grid (compute_scale_zero), so rounding is
+never clamped. The arithmetic runs in fp32: in bf16 most updates smaller than a
 quantization step are lost before rounding sees them (reference_algorithms.md §3.4).
 """
 from __future__ import annotations
@@ -34,15 +35,38 @@ def group_view(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.reshape(-1, group_size)
 
 
+def _step_for_zero(lo: torch.Tensor, hi: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The smallest step whose grid with integer zero point z holds both lo <= 0 and hi >= 0 (inf: none)."""
+    inf = torch.full_like(lo, float("inf"))
+    below = torch.where(lo < 0, torch.where(z > 0, -lo / z, inf), torch.zeros_like(lo))
+    above = torch.where(hi > 0, torch.where(z < 255, hi / (255.0 - z), inf), torch.zeros_like(hi))
+    return torch.maximum(below, above)
+
+
+def smallest_grid(lo: torch.Tensor, hi: torch.Tensor, min_step) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, zero) fp32 per group: the finest uint8 grid, w = (code - zero)·step with integer zero, that holds
+    both the group's min lo <= 0 and max hi >= 0, so every real-valued code lies in [0, 255].
+
+    Of the two integer zero points next to -lo/((hi-lo)/255) the one needing the smaller step is taken: at
+    most 1/126 coarser than (hi-lo)/255. (A (hi-lo)/255 step with a rounded zero point puts an extreme up to
+    half a code outside [0, 255], and clamping it pulls the group's outliers inward at every requantization:
+    a bias as large as a typical update; BENCHMARKS.md, "Unbiased rounding".)"""
+    z0 = (-lo / ((hi - lo) / 255.0).clamp(min=_MIN_SCALE)).clamp(0, 255)
+    z_lo, z_hi = z0.floor(), z0.ceil()
+    s_lo, s_hi = _step_for_zero(lo, hi, z_lo), _step_for_zero(lo, hi, z_hi)
+    use_lo = s_lo <= s_hi
+    return torch.where(use_lo, s_lo, s_hi).clamp(min=min_step), torch.where(use_lo, z_lo, z_hi)
+
+
+def _span(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max with 0 always inside the range."""
+    return wg.amin(dim=1).clamp(max=0.0), wg.amax(dim=1).clamp(min=0.0)
+
+
 def compute_scale_zero(wg: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group asymmetric scale (rounded to its storage dtype) and uint8 zero point; wg is (G, g) fp32."""
-    lo = wg.amin(dim=1).clamp(max=0.0)
-    hi = wg.amax(dim=1).clamp(min=0.0)
-    scale = ((hi - lo) / 255.0).clamp(min=_MIN_SCALE)
-    scale = scale.to(scale_dtype)
-    s = scale.float()
-    zero = torch.round(-lo / s).clamp(0, 255)
-    return scale, zero.to(torch.uint8)
+    """Per-group scale (in its storage dtype) and uint8 zero point of fp32 groups wg (G, g): smallest_grid."""
+    scale, zero = smallest_grid(*_span(wg), _MIN_SCALE)
+    return scale.to(scale_dtype), zero.to(torch.uint8)
 
 
 # Stochastic-rounding noise: a counter-based hash of (key, element index), pure integer torch ops.
@@ -66,11 +90,14 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def sr_noise(shape, start, device) -> torch.Tensor:
-    """U[0,1) fp32 noise (24 bits) for elements start, start+1, ... of a row-major block.
+def sr_bits(shape, start, device) -> torch.Tensor:
+    """Uniform 32-bit rounding noise, int64 values in [0, 2^32), for elements start, start+1, ... of a
+    row-major block.
 
-    `start` = key + index of the block's first element (int, or 0-d int64 tensor); only its low 32 bits
-    and the element offsets matter, so the key is a per-(tensor, step) 32-bit value."""
+    `start` = key + index of the block's first element (int, or 0-d int64 tensor, or one int64 start per
+    element for gathered rows); only its low 32 bits and the element offsets matter, so the key is a
+    per-(tensor, step) 32-bit value. The hash is a bijection of the 32-bit counter: over a full period
+    every value occurs once."""
     n = math.prod(shape)
     if torch.is_tensor(start) and start.dim() > 0:  # one int64 start per element (gathered rows)
         x = start.reshape(-1).bitwise_and(_M32)
@@ -78,14 +105,29 @@ def sr_noise(shape, start, device) -> torch.Tensor:
         x = torch.arange(start, start + n, dtype=torch.int64, device=device)
     else:
         x = torch.arange(n, dtype=torch.int64, device=device).add_(start).bitwise_and_(_M32)
-    return (_mix32_(x) >> 8).to(torch.float32).mul_(2.0 ** -24).reshape(shape)
+    return _mix32_(x).reshape(shape)
+
+
+def sr_threshold(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor(r), t), overwriting r: stochastic rounding of r is floor(r) + (bits < t) with bits uniform on
+    [0, 2^32), so E[round(r)] = floor(r) + t / 2^32 exactly.
+
+    t = frac(r)·2^32 is exact in fp32 (a power-of-two scaling of the exact fraction) and an integer for
+    every fp32 r >= 2^-9, where E[round(r)] = r holds exactly; below 2^-9 the int64 conversion drops
+    bits under 2^-32 (a bias below 2^-32 of a code). The former floor(r + u) rounded the sum r + u to
+    fp32 first, which biased every code >= 1 upward by ulp(r)/2 (BENCHMARKS.md, "Unbiased rounding")."""
+    lo = torch.floor(r)
+    return lo, r.sub_(lo).mul_(2.0 ** 32).to(torch.int64)
 
 
 def round_codes(r: torch.Tensor, stochastic: bool, noise_start=0) -> torch.Tensor:
-    """In place: round real-valued codes, stochastic floor(r + u), u = sr_noise (unbiased: E = r), or to nearest."""
-    if stochastic:
-        return r.add_(sr_noise(r.shape, noise_start, r.device)).floor_()
-    return r.round_()
+    """Round real-valued codes r (overwritten): stochastically (floor(r) + (bits < t), sr_threshold: E = r
+    exactly) with the noise of elements noise_start, ... (sr_bits), or to nearest. Returns the result."""
+    if not stochastic:
+        return r.round_()
+    bits = sr_bits(r.shape, noise_start, r.device)  # first: its int64 temporaries and t's do not overlap
+    lo, t = sr_threshold(r)
+    return lo.add_(bits < t)
 
 
 def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool = False, noise_start=0):
@@ -93,7 +135,8 @@ def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool
     scale, zero = compute_scale_zero(wg, scale_dtype)
     r = wg / scale.float()[:, None]
     r += zero.float()[:, None]
-    codes = round_codes(r, stochastic, noise_start).clamp_(0, 255).to(torch.uint8)
+    # the grid holds every value: the clamp only removes fp32 ulps before rounding
+    codes = round_codes(r.clamp_(0, 255), stochastic, noise_start).to(torch.uint8)
     return codes, scale, zero
 
 
@@ -160,32 +203,76 @@ def dequantize_chunked(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return out
 
 
+# The update of a block of whole groups, requant((dequant(W) + coef·G) · decay), in three steps that
+# the eager path runs in a row and the compiled path (fused.py) as two kernels (regrid's per-group
+# arithmetic, inlined into the rounding pass, would be recomputed for every weight).
+#
+# The arithmetic runs in units of the current grid's step: a weight is exactly its integer code there,
+# so an unchanged weight re-rounds to itself, never by a stray ulp. A group keeps its grid while that
+# still holds the updated values and is at most GRID_SLACK coarser than smallest_grid: an unchanged group
+# then requantizes to itself bit for bit (a finer grid would re-round all its weights: unbiased, but
+# noise at every step).
+
+def code_units(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grad: torch.Tensor,
+               coef: torch.Tensor, decay: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """(dequant(W) + coef·G)·decay of a block (r, n) as groups (G, g), in units of each group's step."""
+    u = group_view(codes, group_size).float().sub_(zero.float()[:, None])  # exact integers
+    u += (grad.float() * coef).reshape(u.shape).div_(scale.float()[:, None])
+    if decay is not None:
+        u *= decay
+    return u
+
+
+def regrid(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """The grid that groups u (code units) round onto: (its step in units of the old one, its zero point as
+    fp32, its scale in storage dtype). The old grid where it still fits (see above), else smallest_grid."""
+    step = scale.float()
+    lo, hi = _span(u)
+    ratio, new_zero = smallest_grid(lo, hi, _MIN_SCALE / step)
+    z = zero.float()
+    same = (lo + z >= -GRID_TOL) & (hi + z <= 255.0 + GRID_TOL) & (ratio * (1.0 + GRID_SLACK) >= 1.0)
+    ratio = torch.where(same, torch.ones_like(ratio), ratio)
+    new_scale = torch.where(same, scale, (step * ratio).to(scale.dtype))
+    return ratio, torch.where(same, z, new_zero), new_scale
+
+
+def round_onto(u: torch.Tensor, ratio: torch.Tensor, new_zero: torch.Tensor, noise_start, stochastic: bool):
+    """uint8 codes of groups u (code units, overwritten) on the grid (ratio, new_zero) of regrid."""
+    r = u.div_(ratio[:, None]).add_(new_zero[:, None])
+    # the grid holds every value: the clamp only removes fp32 ulps before rounding
+    return round_codes(r.clamp_(0, 255), stochastic, noise_start).to(torch.uint8)
+
+
+def keep_where(keep: torch.Tensor | None, old: tuple, new: tuple) -> tuple:
+    """new (codes, scale, zero), or old where the 0-d bool `keep` is True (a non-finite gradient)."""
+    if keep is None:
+        return new
+    return tuple(torch.where(keep, o, n) for o, n in zip(old, new))
+
+
 def update_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grad: torch.Tensor,
                   coef: torch.Tensor, decay: torch.Tensor | None, noise_start, group_size: int,
                   stochastic: bool, keep: torch.Tensor | None = None):
-    """The update of a block of whole groups: requant((dequant(W) + coef·G) · decay).
+    """The update of a block of whole groups: requant((dequant(W) + coef·G) · decay) (eager).
 
     codes (r, n) uint8 and the scale/zero of its r·n/g groups; grad (r, n) in any float dtype; coef
     fp32, 0-d (tensor-wise) or (r, 1) / (1, n) (channel-wise); decay None or a 0-d fp32 factor
-    (decoupled weight decay on the updated weight); noise_start: sr_noise's start for the block's first
+    (decoupled weight decay on the updated weight); noise_start: sr_bits's start for the block's first
     element; keep None or a 0-d bool: where True the old block comes back unchanged (a non-finite
-    gradient, whose NaNs never get past this select). Returns new (codes (r, n), scale, zero). Pure
-    torch: the eager reference below and the compiled kernel (fused.py) run this same code, so they do
-    the same fp32 arithmetic.
+    gradient, whose NaNs never get past this select). Returns new (codes (r, n), scale, zero).
     """
-    w = dequantize_groups(group_view(codes, group_size), scale, zero)
-    w += (grad.float() * coef).reshape(w.shape)
-    if decay is not None:
-        w *= decay
-    nc, ns, nz = quantize_groups(w, scale.dtype, stochastic, noise_start)
-    nc = nc.reshape(codes.shape)
-    if keep is not None:
-        nc, ns, nz = torch.where(keep, codes, nc), torch.where(keep, scale, ns), torch.where(keep, zero, nz)
-    return nc, ns, nz
+    u = code_units(codes, scale, zero, grad, coef, decay, group_size)
+    ratio, new_zero, new_scale = regrid(u, scale, zero)
+    nc = round_onto(u, ratio, new_zero, noise_start, stochastic).reshape(codes.shape)  # u is spent
+    return keep_where(keep, (codes, scale, zero), (nc, new_scale, new_zero.to(torch.uint8)))
+
+
+GRID_SLACK = 1.0 / 64  # how much coarser than the smallest a group's kept grid may be
+GRID_TOL = 1e-4  # codes: fp32 error allowed when checking that a kept grid holds the updated values
 
 
 def noise_key(seed: int) -> int:
-    """The 31 bits of a (tensor, step) seed that sr_noise uses as its start (with the element indices
+    """The 31 bits of a (tensor, step) seed that sr_bits uses as its start (with the element indices
     of a matrix below 2^31 added, the eager path never wraps)."""
     return seed & 0x7FFFFFFF
 

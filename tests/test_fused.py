@@ -97,32 +97,34 @@ def test_dequantize_identical(shape, dtype):
 
 
 def test_noise_is_counter_based_and_uniform():
-    u = quant.sr_noise((1 << 20,), 987654321, "cpu")
-    assert u.dtype == torch.float32 and 0.0 <= u.min() and u.max() < 1.0
+    u = quant.sr_bits((1 << 20,), 987654321, "cpu").double() * 2.0 ** -32
+    assert 0.0 <= u.min() and u.max() < 1.0
     # any block of the stream is the same noise as the whole stream's slice (chunking-independent)
-    assert torch.equal(quant.sr_noise((1000,), 987654321 + 5000, "cpu"), u[5000:6000])
+    assert torch.equal(quant.sr_bits((1000,), 987654321 + 5000, "cpu").double() * 2.0 ** -32, u[5000:6000])
     assert abs(u.mean().item() - 0.5) < 2e-3 and abs(u.var().item() - 1 / 12) < 1e-3
     hist = torch.histc(u, bins=64, min=0, max=1)
     chi2 = (((hist - u.numel() / 64) ** 2) / (u.numel() / 64)).sum().item()
     assert chi2 < 120  # 63 degrees of freedom: p ≈ 1e-5
     # neighbours and other keys are uncorrelated
     assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 5e-3
-    v = quant.sr_noise((1 << 20,), 123, "cpu")
+    v = quant.sr_bits((1 << 20,), 123, "cpu").double() * 2.0 ** -32
     assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 5e-3
 
 
 def test_update_allocates_no_matrix_sized_buffer():
-    """Inductor recomputes the dequantized weight in the reduction and in the rounding instead of
-    storing it (fused._inductor_options): the generated code allocates only per-group buffers."""
+    """Inductor recomputes the code-unit weights in the reduction and in the rounding instead of storing
+    them (fused._inductor_options, two kernels): the generated code allocates only per-group buffers."""
     from torch._inductor.utils import run_and_get_code
     shape = (172, 64)
     (c, s, z), grad = make(shape)
     torch._dynamo.reset()  # generate the code here, not from the cache of an earlier test
-    f = fused._compiled(fused._update_inplace)
-    _, code = run_and_get_code(f, c, s, z, grad, torch.tensor(-1e-3), None, torch.tensor(7), 128, True,
-                               torch.tensor(False))
-    call = code[0][code[0].index("def call("):]
-    sizes = [eval(m) for m in re.findall(r"empty_strided_\w+\((\([^)]*\))", call)]
+    _, codes = run_and_get_code(fused._update_inplace, c, s, z, grad, torch.tensor(-1e-3), None, torch.tensor(7),
+                                128, True, torch.tensor(False))
+    assert len(codes) == 2, "expected the grid and the rounding kernels"
+    sizes = []
+    for code in codes:
+        call = code[code.index("def call("):]
+        sizes += [eval(m) for m in re.findall(r"empty_strided_\w+\((\([^)]*\))", call)]
     assert sizes, "no buffer allocations found: has the generated code's format changed?"
     assert all(torch.Size(sz).numel() <= c.numel() // 128 for sz in sizes), sizes
 
@@ -148,11 +150,11 @@ def train(cfg, fused_on: bool, steps=3, ckpt=False, in_thread=False, device="cpu
                 opt.after_backward()
                 opt.end_step(check=i == 0)
             losses.append(loss.item())
-        # the compiled code really ran (no silent eager fallback): per matrix one update and a
-        # dequantize in the forward, the recomputation (checkpointing) and grad_input
+        # the compiled code really ran (no silent eager fallback): per matrix one update (two kernels:
+        # grid and rounding) and a dequantize in the forward, the recomputation (checkpointing) and grad_input
         calls = sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())
         n = len(int8_modules(model))
-        assert calls == (n * (4 if ckpt else 3) if fused_on else 0), calls
+        assert calls == (n * (5 if ckpt else 4) if fused_on else 0), calls
 
     if in_thread:  # like CUDA's autograd device thread: compiled code called off the main thread
         errors = []
