@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     model.train()
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, cfg.train.max_steps, seed=0, accum_mode=cfg.train.accum_mode)
+    opt = LayerwiseOptimizer(model, cfg.optim, cfg.train.max_steps, seed=0, accum_mode=cfg.train.accum_mode,
+                             grad_accum_steps=cfg.train.grad_accum_steps)
     meter: dict = {}
     phase_peak: dict[str, int] = {}
 

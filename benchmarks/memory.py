@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     opt = LayerwiseOptimizer(model, cfg.optim, max(cfg.train.max_steps, args.steps), seed=cfg.train.seed,
-                             stochastic_round=cfg.model.stochastic_round, accum_mode=cfg.train.accum_mode)
+                             stochastic_round=cfg.model.stochastic_round, accum_mode=cfg.train.accum_mode,
+                             grad_accum_steps=cfg.train.grad_accum_steps)
     rec["build_s"] = round(time.perf_counter() - t0, 2)
     gen = torch.Generator().manual_seed(0)
     B, T, K = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps

@@ -67,11 +67,12 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr_r
 class ApolloUpdater:
     """APOLLO / APOLLO-Mini on one matrix, int8 (dequant → update → requant in fp32) or float.
 
-    lagged=True: the lagged-scale accumulation mode (one call per micro-batch, `commit` per step)."""
+    lagged=True: the lagged-scale accumulation mode over windows of `window` micro-batches (one call per
+    micro-batch, `commit` per step)."""
 
-    def __init__(self, name: str, target, ocfg, seed: int, stochastic: bool, lagged: bool = False):
+    def __init__(self, name: str, target, ocfg, seed: int, stochastic: bool, lagged: bool = False, window: int = 1):
         self.name, self.target, self.o = name, target, ocfg
-        self.stochastic, self.lagged = stochastic, lagged
+        self.stochastic, self.lagged, self.window = stochastic, lagged, window
         self.finite = None
         self.sr_seed = tensor_seed(seed, "sr:" + name)
         shape = target.shape if isinstance(target, Int8Linear) else tuple(target.shape)
@@ -86,20 +87,23 @@ class ApolloUpdater:
         return dict(rank=o.rank, scale_type=o.scale_type, update_proj_gap=o.update_proj_gap, beta1=o.beta1,
                     beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
 
-    def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+    def step(self, grad: torch.Tensor, lr: float, count_changes: bool, last: bool = True) -> int:
+        """One update (exact) or one micro-batch's share (lagged; `last`: the window's last micro-batch)."""
         if isinstance(grad, RowGrad):
-            return self.step_rows(grad, lr, count_changes)
-        fn = apollo.lagged_multiplier if self.lagged else apollo.apollo_multiplier
-        c = fn(grad, self.state, **self._hparams())
+            return self.step_rows(grad, lr, count_changes, last)
+        if self.lagged:
+            c = apollo.lagged_multiplier(grad, self.state, window=self.window, last=last, **self._hparams())
+        else:
+            c = apollo.apollo_multiplier(grad, self.state, **self._hparams())
         self.finite = self.state.pop("finite")  # a device bool: read once per micro-batch, not here
-        return self._apply(grad, c, lr, count_changes)
+        return 0 if c is None else self._apply(grad, c, lr, count_changes)
 
     # ---- gradients that are never whole (model.lean_head) -----------------------------------------
-    def _int8_coef(self, c: torch.Tensor, lr: float) -> torch.Tensor:
+    def _int8_coef(self, c: torch.Tensor | None, lr: float) -> torch.Tensor | None:
         self.finite = self.state.pop("finite")
-        return (c * (-lr * math.sqrt(self.o.scale))).float()
+        return None if c is None else (c * (-lr * math.sqrt(self.o.scale))).float()
 
-    def step_rows(self, grad: RowGrad, lr: float, count_changes: bool) -> int:
+    def step_rows(self, grad: RowGrad, lr: float, count_changes: bool, last: bool = True) -> int:
         """A sparse gradient (the int8 embedding: the batch's rows). R = G Pᵀ is zero outside those rows
         (the vocabulary side is the larger one, so P compresses the hidden side), ‖G‖ is theirs: the
         tensor-wise APOLLO-Mini step is exact. Rows not in the batch keep their weights; their moments decay
@@ -110,12 +114,18 @@ class ApolloUpdater:
         math_dtype = torch.promote_types(g.dtype, torch.float32)
         r = torch.zeros(st["exp_avg"].shape, dtype=math_dtype, device=g.device)
         r.index_add_(0, grad.rows, (g @ st["proj"].to(g.dtype).T).to(math_dtype))  # apollo.project's m>=n side
-        coef = self._int8_coef(self._multiplier(r, torch.linalg.vector_norm(g, dtype=math_dtype)), lr)
+        h = self._sketch(g.device)
+        if h is not None:  # apollo.sketch on the rows present (A·G, G zero elsewhere)
+            h = h[1][:, grad.rows] @ g.to(h[1].dtype)
+        c = self._multiplier(r, torch.linalg.vector_norm(g, dtype=math_dtype), last, h)
+        coef = self._int8_coef(c, lr)
+        if coef is None:
+            return 0
         return quant.update_rows_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad.rows, g, coef,
                                   stochastic=self.stochastic, seed=tensor_seed(self.sr_seed, self._noise_key()),
                                   count_changes=count_changes, keep=~self.finite)
 
-    def step_slices(self, src, lr: float, count_changes: bool) -> int:
+    def step_slices(self, src, lr: float, count_changes: bool, last: bool = True) -> int:
         """lm_head's gradient given slice by slice (loss.HeadGradSlices), read twice: first R = G Pᵀ (row
         slices of it) and ‖G‖² summed over slices give APOLLO-Mini's scale; then each slice is recomputed and
         applied to its rows at once. The full gradient never exists; the step is the exact (not lagged) one,
@@ -124,13 +134,18 @@ class ApolloUpdater:
         self._refresh(t.weight_codes.device)
         r = torch.zeros(st["exp_avg"].shape, dtype=torch.float32, device=t.weight_codes.device)
         sq = torch.zeros((), dtype=torch.float32, device=r.device)
+        h = self._sketch(r.device)  # lagged: (the sketch's sum, A)
 
         def measure(sl, g):
             r[sl] = (g @ st["proj"].to(g.dtype).T).to(torch.float32)  # rows of apollo.project(G) (V >= h)
             sq.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+            if h is not None:
+                h[0].add_(h[1][:, sl] @ g.to(torch.float32))  # apollo.sketch, slice by slice
         src.each(measure)
-        c = self._multiplier(r, sq.sqrt())
-        coef, seed, keep = self._int8_coef(c, lr), tensor_seed(self.sr_seed, self._noise_key()), ~self.finite
+        coef = self._int8_coef(self._multiplier(r, sq.sqrt(), last, None if h is None else h[0]), lr)
+        if coef is None:  # lagged window without a committed scale: nothing to apply before its last micro-batch
+            return 0
+        seed, keep = tensor_seed(self.sr_seed, self._noise_key()), ~self.finite
         changed, n = [0], self.shape[1]
 
         def apply(sl, g):
@@ -145,18 +160,31 @@ class ApolloUpdater:
         if not self.lagged or not self.state.get("r_count"):
             apollo.refresh_projection(self.shape, self.state, self.o.rank, self.o.update_proj_gap, device)
 
-    def _multiplier(self, r: torch.Tensor, g_norm: torch.Tensor) -> torch.Tensor:
+    def _sketch(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Lagged mode: (zeros of the sketch's shape, this window's sketch matrix A) for a gradient given by
+        rows or slices (m >= n: the sketch is A·G, SKETCH_ROWS × n); None in exact mode."""
+        if not self.lagged:
+            return None
+        a = apollo.sketch_matrix(self.shape, self.state, device)
+        return torch.zeros(a.shape[0], self.shape[1], device=device), a
+
+    def _multiplier(self, r: torch.Tensor, g_norm: torch.Tensor, last: bool,
+                    h: torch.Tensor | None = None) -> torch.Tensor | None:
         o = self.o
-        fn = apollo.lagged_projected_multiplier if self.lagged else apollo.projected_multiplier
-        return fn(r, g_norm, self.state, shape=self.shape, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                  norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
+        hp = dict(shape=self.shape, beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
+                  limiter_decay=o.limiter_decay)
+        if self.lagged:
+            return apollo.lagged_projected_multiplier(r, g_norm, h, self.state, window=self.window, last=last, **hp)
+        return apollo.projected_multiplier(r, g_norm, self.state, **hp)
 
     def commit(self) -> None:
-        """Step boundary (lagged mode): moments take the window's projected gradient once."""
+        """Step boundary (lagged mode): moments take the window's projected gradient once, the limiter the
+        window's update; the resulting c is the next window's."""
         if self.lagged:
             o = self.o
-            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, beta1=o.beta1,
-                                 beta2=o.beta2, eps=o.eps)
+            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, window=self.window,
+                                 beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
+                                 limiter_decay=o.limiter_decay)
 
     def _noise_key(self) -> str:
         # exact: one update per step; lagged: one per micro-batch, each with its own rounding noise
@@ -169,7 +197,8 @@ class ApolloUpdater:
         # kernel takes them as tensors (a Python float would recompile it every step).
         coef = c * (-lr * math.sqrt(self.o.scale))  # c is fp32 (fp64 for fp64 gradients)
         wd = self.o.weight_decay
-        decay = torch.full((), 1.0 - lr * wd, device=grad.device) if wd else None
+        once = not self.lagged or self.state["r_count"] == 1  # lagged: decay once per window, not per micro-batch
+        decay = torch.full((), 1.0 - lr * wd, device=grad.device) if wd and once else None
         if isinstance(self.target, Int8Linear):
             t = self.target
             # Rounding noise is a function of (seed, tensor, step, element): reproducible, order- and
@@ -230,7 +259,7 @@ class TorchAdamUpdater:
         unit = 4096 // math.gcd(row, 4096)  # rows per whole number of 4096-element blocks
         return max(unit, self.CHUNK_ELEMS // row // unit * unit)
 
-    def step(self, grad: torch.Tensor, lr: float, count_changes: bool) -> int:
+    def step(self, grad: torch.Tensor, lr: float, count_changes: bool, last: bool = True) -> int:
         p, changed = self.param, 0
         # a host sync per float tensor (2·layers + 3 of them): Adam's moments would move the weight even
         # for a zeroed gradient, so a bad one must skip the update, which needs the answer on the host
@@ -288,7 +317,7 @@ class LayerwiseOptimizer:
     """
 
     def __init__(self, model: nn.Module, ocfg, max_steps: int, seed: int = 0, stochastic_round: bool = True,
-                 accum_mode: str = "exact", reducer=None):
+                 accum_mode: str = "exact", reducer=None, grad_accum_steps: int = 1):
         self.model, self.o, self.max_steps = model, ocfg, max_steps
         # data parallel (distributed.GradAverager): every gradient is averaged over the ranks before its
         # update; None in a single process
@@ -298,7 +327,10 @@ class LayerwiseOptimizer:
         self.lr = 0.0
         self.hooks_enabled = True  # False: only accumulate (earlier micro-batches, two-phase tests)
         self.count_changes = False
-        self.lagged = accum_mode == "lagged"
+        # K micro-batches per optimizer step; lagged mode needs K > 1 (with one micro-batch it is the exact step)
+        self.grad_accum_steps = grad_accum_steps
+        self.lagged = accum_mode == "lagged" and grad_accum_steps > 1
+        self._grad_scale = 1.0  # K / micro-batches used, for tensors stepping once per step (see begin_step)
         self._in_step = False
         self._micro_done = 0  # micro-batches of this step whose backward ran
         self._fired: dict[str, int] = {}
@@ -314,12 +346,12 @@ class LayerwiseOptimizer:
             raise ConfigError("model.lean_head=true does not run data-parallel yet (its lm_head gradient is never "
                               "whole, so there is nothing to all-reduce): use one process or model.lean_head=false")
         for name, mod in int8_modules(model):
-            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round, self.lagged)
+            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round, self.lagged, grad_accum_steps)
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             if name in mats and ocfg.name != "adamw":
-                self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False, self.lagged)
+                self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False, self.lagged, grad_accum_steps)
             elif name in mats:
                 self.updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
             else:
@@ -365,7 +397,7 @@ class LayerwiseOptimizer:
             self._int8_hook(mod, src.full())
             return
         upd = self.updaters[name]
-        changed = upd.step_slices(src, self._lr_of(name), self.count_changes)
+        changed = upd.step_slices(src, self._lr_of(name), self.count_changes, last=self.hooks_enabled)
         self._record(name, upd, changed)
 
     def _make_float_hook(self, name: str):
@@ -385,9 +417,11 @@ class LayerwiseOptimizer:
             self.reducer.submit(grad, lambda g: self._update(name, g))
 
     def _update(self, name: str, grad: torch.Tensor) -> None:
+        if self._grad_scale != 1.0 and name not in self._every_micro:
+            grad = grad * self._grad_scale  # the step's mean over the micro-batches the guard let through
         upd = self.updaters[name]
         lr = self._lr_of(name)
-        self._record(name, upd, upd.step(grad, lr, self.count_changes))
+        self._record(name, upd, upd.step(grad, lr, self.count_changes, last=self.hooks_enabled))
 
     def _lr_of(self, name: str) -> float:
         """`lr` for the APOLLO matrices; float_lr for embedding, lm_head and norms, whatever steps them: with
@@ -399,6 +433,13 @@ class LayerwiseOptimizer:
         self._flags.append((name, upd.finite_flag()))
         self._fired[name] = self._fired.get(name, 0) + 1
         self._changed[name] = self._changed.get(name, 0) + changed
+
+    def forget_accumulation(self, reference: bool) -> None:
+        """A resume that changed the accumulation: lagged windows predict their own scale again and, with
+        reference=True, the limiters start afresh (optim/apollo.forget_accumulation)."""
+        for u in self.updaters.values():
+            if isinstance(u, ApolloUpdater):
+                apollo.forget_accumulation(u.state, reference)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held for all tensors (moments, projections, 8-bit states)."""
@@ -425,6 +466,12 @@ class LayerwiseOptimizer:
         self.hooks_enabled = last_micro
         self.count_changes = check
         self._flags = []
+        # the loss of every micro-batch is divided by K; when the spike guard skipped some, the once-per-step
+        # tensors step on the mean of those used, as the lagged windows commit it (apollo.lagged_commit)
+        self._grad_scale = self._mean_scale(self._micro_done + 1) if last_micro else 1.0
+
+    def _mean_scale(self, used: int) -> float:
+        return self.grad_accum_steps / used if 0 < used < self.grad_accum_steps else 1.0
 
     def after_backward(self) -> None:
         """Call after each micro-batch's backward: one host read of the non-finite flags of its updates."""
@@ -450,6 +497,7 @@ class LayerwiseOptimizer:
         """Call after the last micro-batch's backward: apply what is still pending (its last micro-batch
         was skipped), commit the lagged scales, verify every tensor stepped, count the step."""
         if self._pending():
+            self._grad_scale = self._mean_scale(self._micro_done)
             self.step_pending(check)
             self.after_backward()
             self._micro_done -= 1  # not a micro-batch of its own
@@ -472,6 +520,7 @@ class LayerwiseOptimizer:
                     f"train nothing there; check the lr ({self.lr:g}) and the hooks, or set "
                     f"train.check_updates=false to skip this check")
         self.count_changes = False
+        self._grad_scale = 1.0
         self.step_count += 1
 
     def abandon_step(self) -> None:

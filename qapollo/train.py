@@ -85,7 +85,7 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
                                       stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode,
-                                      reducer=self.dist.grad_averager())
+                                      reducer=self.dist.grad_averager(), grad_accum_steps=t.grad_accum_steps)
         self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                                   tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None) \

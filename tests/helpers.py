@@ -36,7 +36,8 @@ def measured_peak(cfg, chunked: bool = True, steps: int = 2, held: list | None =
     model.train()
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, stochastic_round=True, accum_mode=t.accum_mode)
+    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, stochastic_round=True, accum_mode=t.accum_mode,
+                             grad_accum_steps=t.grad_accum_steps)
     gen = torch.Generator().manual_seed(0)
     peaks = []
     for _ in range(steps):

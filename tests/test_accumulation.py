@@ -18,37 +18,51 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---- the lagged rule against the exact rule on summed gradients --------------------------------------
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
 @pytest.mark.parametrize("scale_type,rank", [("tensor", 1), ("channel", 4)])
-def test_lagged_equals_exact_on_the_summed_gradient(shape, scale_type, rank):
-    """Per window: moments == exact mode's after a step on ΣG_i; the window applies c_{t-1} ⊙ ΣG_i,
-    c_{t-1} being the exact mode's (limiter-free) multiplier of the previous step."""
+@pytest.mark.parametrize("limiter", [0.0, 1.01])
+def test_lagged_window_is_the_exact_step(shape, scale_type, rank, limiter):
+    """K equal micro-batches per window (where a window's ‖ΣG‖ is known from its first one): the moments and
+    the limiter's reference equal the exact mode's after a step on ΣG; the first window applies the exact
+    step; every later window applies the previous exact step's size (per channel) along its own ΣG. The
+    gradients grow 3× per window, so the limiter binds (limiter=1.01) and a lagged c·ΣG would overshoot."""
     torch.manual_seed(0)
-    hp = dict(rank=rank, scale_type=scale_type, update_proj_gap=3, norm_growth_limit=0.0)
+    K = 4
+    hp = dict(rank=rank, scale_type=scale_type, update_proj_gap=3, norm_growth_limit=limiter)
     lag = apollo.init_state(shape, rank, 7, "cpu")
     exact = apollo.init_state(shape, rank, 7, "cpu")
-    prev_c = None
+    dim = None if scale_type == "tensor" else (1 if shape[0] >= shape[1] else 0)
+    norm = (lambda x: x.norm()) if dim is None else (lambda x: x.norm(dim=dim, keepdim=True))
+    prev_u = None
     for window in range(5):
-        grads = [torch.randn(shape, dtype=torch.float64) * (1 + window) for _ in range(3)]
-        applied = sum(apollo.lagged_multiplier(g, lag, **hp) * g for g in grads)
-        total = sum(grads)
-        if prev_c is not None:  # window 0 peeks per micro-batch: no previous scale exists
-            assert torch.allclose(applied, prev_c * total, rtol=1e-10, atol=0)
-        apollo.lagged_commit(lag, shape=shape, scale_type=scale_type)
-        prev_c = apollo.apollo_multiplier(total, exact, **hp)
+        total = torch.randn(shape, dtype=torch.float64) * 3.0 ** window
+        applied = torch.zeros_like(total)
+        for i in range(K):
+            c = apollo.lagged_multiplier(total / K, lag, window=K, last=i == K - 1, **hp)
+            if c is not None:
+                applied += c * (total / K)
+        apollo.lagged_commit(lag, shape=shape, scale_type=scale_type, window=K, norm_growth_limit=limiter)
+        u = apollo.apollo_multiplier(total, exact, **hp) * total
+        want = u if prev_u is None else norm(prev_u) / norm(total) * total
+        assert torch.allclose(applied, want, rtol=1e-5, atol=0), window  # fp32 sketch and step size
         assert lag["step"] == exact["step"] == window + 1
         assert torch.equal(lag["proj"], exact["proj"])
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(lag[k], exact[k], rtol=1e-10, atol=1e-300), k
-        assert torch.allclose(lag["lag_scale"].double(), prev_c, rtol=1e-6)
+        for k in ("exp_avg", "exp_avg_sq", "prev_norm"):
+            assert torch.allclose(lag[k].double(), exact[k].double(), rtol=1e-6, atol=1e-300), k
+        prev_u = u
 
 
-def test_first_window_uses_each_micro_batch_own_scale():
-    g = torch.randn(16, 8, dtype=torch.float64)
+def test_first_window_applies_nothing_before_its_last_micro_batch():
+    """No step size yet: micro-batches 1..K-1 only add to the window's sums (nothing committed); the last
+    commits and returns the multiplier that carries the window's step in its own gradient's direction."""
+    torch.manual_seed(0)
     st = apollo.init_state((16, 8), 1, 3, "cpu")
-    c_lag = apollo.lagged_multiplier(g, st, rank=1, scale_type="tensor", update_proj_gap=10)
-    c_exact = apollo.apollo_multiplier(g, apollo.init_state((16, 8), 1, 3, "cpu"), rank=1, scale_type="tensor",
-                                       update_proj_gap=10)
-    assert torch.allclose(c_lag, c_exact) and st["step"] == 0  # a peek: moments not committed
-    assert torch.equal(st["exp_avg"], torch.zeros_like(st["exp_avg"]))
+    hp = dict(rank=1, scale_type="tensor", update_proj_gap=10, window=3)
+    grads = [torch.randn(16, 8, dtype=torch.float64) for _ in range(3)]
+    assert apollo.lagged_multiplier(grads[0], st, last=False, **hp) is None
+    assert apollo.lagged_multiplier(grads[1], st, last=False, **hp) is None
+    assert st["step"] == 0 and torch.equal(st["exp_avg"], torch.zeros_like(st["exp_avg"]))
+    c = apollo.lagged_multiplier(grads[2], st, last=True, **hp)
+    assert st["step"] == 1 and st["r_count"] == 0 and st["lag_step"] is not None
+    assert torch.allclose(c * grads[2].norm(), st["lag_step"].double())  # the window's step, on G_K
 
 
 # ---- memory: no full gradient between micro-batches -------------------------------------------------
@@ -150,7 +164,7 @@ def test_non_finite_gradient_is_named_and_not_written(target, accum_mode):
     cfg = tiny_config()
     model = build_model(cfg.model, "cpu", seed=0)
     model.train()
-    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, accum_mode=accum_mode)
+    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, accum_mode=accum_mode, grad_accum_steps=2)
     x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     opt.begin_step()
     causal_lm_loss(model, x).backward()

@@ -220,7 +220,7 @@ def test_accumulation_reduces_each_gradient_once_per_step(mode, monkeypatch):
     try:
         cfg = tiny_config()
         model = build_model(cfg.model, "cpu", seed=0)
-        opt = LayerwiseOptimizer(model, cfg.optim, 10, accum_mode=mode, reducer=GradAverager(1))
+        opt = LayerwiseOptimizer(model, cfg.optim, 10, accum_mode=mode, reducer=GradAverager(1), grad_accum_steps=2)
         mats = matrix_names(model)
         n_mat = sum(m.weight_codes.numel() for n, m in model.named_modules() if n in mats)
         n_float = sum(p.numel() for p in model.parameters())

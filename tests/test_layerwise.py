@@ -84,7 +84,7 @@ def test_guard_fails_on_a_parameter_whose_update_is_lost():
     cfg = tiny_config()
     model, opt, x = make(cfg)
     frozen = "model.norm.weight"
-    opt.updaters[frozen].step = lambda grad, lr, count: 0  # an updater that writes nothing
+    opt.updaters[frozen].step = lambda grad, lr, count, last=True: 0  # an updater that writes nothing
     opt.begin_step(check=True)
     model(input_ids=x, labels=x).loss.backward()
     with pytest.raises(UpdateCheckError, match=frozen):
@@ -97,7 +97,7 @@ def test_guard_fails_on_an_int8_layer_with_zero_lr():
     name = int8_modules(model)[0][0]
     upd = opt.updaters[name]
     orig = upd.step
-    upd.step = lambda grad, lr, count: orig(grad, 0.0, count)  # lr 0 → RTN requant leaves codes as they are
+    upd.step = lambda grad, lr, count, last=True: orig(grad, 0.0, count)  # lr 0 → RTN requant leaves codes as they are
     upd.stochastic = False
     opt.begin_step(check=True)
     model(input_ids=x, labels=x).loss.backward()

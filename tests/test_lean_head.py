@@ -156,12 +156,12 @@ def test_lean_head_refuses_data_parallel_with_one_line():
 
 
 def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
-    """accum_mode=lagged, 2 micro-batches: embedding and lm_head step on each (previous step's scale), their
+    """accum_mode=lagged, 2 micro-batches: embedding and lm_head step on each (the previous step's size), their
     projected gradients commit once per step, and no full gradient of theirs is ever kept."""
     cfg = lean(train__grad_accum_steps=2, train__accum_mode="lagged")
     validate(cfg)
     model = build_model(cfg.model, "cpu", seed=0)
-    opt = LayerwiseOptimizer(model, cfg.optim, max_steps=10, seed=0, accum_mode="lagged")
+    opt = LayerwiseOptimizer(model, cfg.optim, max_steps=10, seed=0, accum_mode="lagged", grad_accum_steps=2)
     x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     losses = []
     for step in range(6):
@@ -175,7 +175,7 @@ def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
         losses.append(loss.item())
         for name in ("lm_head", "model.embed_tokens"):
             st = opt.updaters[name].state
-            assert st["step"] == step + 1 and st["r_count"] == 0 and st["lag_scale"] is not None
+            assert st["step"] == step + 1 and st["r_count"] == 0 and st["lag_step"] is not None
     assert losses[-1] < losses[0] - 0.5, losses
 
 

@@ -66,6 +66,7 @@ def load(trainer, ckpt: str, state: dict) -> None:
     trainer.data.train.load_state_dict(state["data_cursor"])  # first: raises on other data settings
     load_model_tensors(trainer.model, os.path.join(ckpt, "model.safetensors"))
     load_optimizer(trainer.opt, os.path.join(ckpt, "optimizer.safetensors"))
+    check_accumulation(trainer, ckpt, state)
     trainer.opt.step_count = state["global_step"]
     trainer.tokens_seen = state["tokens_seen"]
     trainer.last_eval = state.get("last_eval")
@@ -73,6 +74,41 @@ def load(trainer, ckpt: str, state: dict) -> None:
         trainer.guard.load_state_dict(state["spike_guard"])
     load_rng(os.path.join(ckpt, "rng_state.safetensors"))
     trainer.metrics.truncate_after(state["global_step"])
+
+
+def accumulation_record(cfg, world_size: int) -> dict:
+    """What a lagged step size and the limiter's reference were measured on (saved in trainer_state.json)."""
+    t = cfg.train
+    return {"accum_mode": t.accum_mode, "grad_accum_steps": t.grad_accum_steps,
+            "tokens_per_step": t.batch_size * t.seq_len * t.grad_accum_steps * world_size}
+
+
+def _lagged(rec: dict) -> bool:
+    return rec["accum_mode"] == "lagged" and rec["grad_accum_steps"] > 1  # lagged with one micro-batch is exact
+
+
+def check_accumulation(trainer, ckpt: str, state: dict) -> None:
+    """A resume with other accumulation settings than the checkpoint's. The lagged step size is dropped
+    when the mode or K changed (the next window measures its own, applied at its last micro-batch: one step
+    of the right size), the limiter's reference too when the tokens per step changed (it measured other
+    steps). Checkpoints written before the record held a per-micro-batch lagged state: both are dropped."""
+    now = accumulation_record(trainer.cfg, trainer.dist.world)
+    then = state.get("accumulation")
+    if then is None:
+        from .validation import read_config
+        saved = read_config(ckpt).train
+        if saved.accum_mode == "lagged" and saved.grad_accum_steps > 1:
+            trainer.opt.forget_accumulation(reference=True)
+        return
+    same_window = _lagged(then) == _lagged(now) and (not _lagged(now) or then["grad_accum_steps"] == now["grad_accum_steps"])
+    same_tokens = then["tokens_per_step"] == now["tokens_per_step"]
+    if same_window and same_tokens:
+        return
+    trainer.opt.forget_accumulation(reference=not same_tokens)
+    say(f"note: {ckpt} was trained with train.accum_mode={then['accum_mode']}, train.grad_accum_steps="
+        f"{then['grad_accum_steps']}, {then['tokens_per_step']} tokens per step; now {now['accum_mode']}, "
+        f"{now['grad_accum_steps']}, {now['tokens_per_step']}: the next step measures its own lagged step size"
+        f"{'' if same_tokens else ' and the norm limiter starts afresh'}")
 
 
 def load_optimizer(opt, path: str) -> None:

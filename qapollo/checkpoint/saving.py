@@ -16,6 +16,7 @@ import torch
 from .. import testhook
 from .files import (SCHEMA, CheckpointError, DiskSpaceError, _fsync_dir, _items, _write_text, list_checkpoints, say,
                     write_safetensors)
+from .loading import accumulation_record
 from .validation import _files_ok, resume_target
 
 
@@ -212,6 +213,8 @@ def _write_checkpoint(trainer, tmp: str, step: int) -> dict:
         "metrics": {"file": "../metrics.jsonl", "last_step": step},
         "last_eval": getattr(trainer, "last_eval", None),
         "spike_guard": trainer.guard.state_dict() if hasattr(trainer, "guard") else None,
+        # what the lagged step size and the limiter's reference were measured on (loading.check_accumulation)
+        "accumulation": accumulation_record(cfg, trainer.dist.world if hasattr(trainer, "dist") else 1),
         "tokenizer": None if tok is None else {"name": str(tok.name_or_path), "vocab_size": tok.vocab_size,
                                                "fingerprint": tok.fingerprint()},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

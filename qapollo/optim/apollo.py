@@ -61,8 +61,9 @@ def init_state(shape: tuple[int, int], rank: int, seed: int, device) -> dict:
         "exp_avg": torch.zeros(rshape, device=device, dtype=torch.float32),
         "exp_avg_sq": torch.zeros(rshape, device=device, dtype=torch.float32),
         "prev_norm": torch.zeros((), device=device, dtype=torch.float32),
-        # lagged accumulation only: summed R of the current window, its count, the previous step's c
-        "r_sum": None, "r_count": 0, "lag_scale": None,
+        # lagged accumulation only: the window's ΣR, sketch sums, Σ‖G_i‖², its count; the previous window's
+        # step size and alignment
+        "r_sum": None, "sk_sum": None, "sk_sq": 0, "g_sq": 0, "r_count": 0, "lag_step": None, "lag_align": None,
     }
 
 
@@ -98,18 +99,25 @@ def _scale(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, shape, sca
     return n_hat.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + 1e-8)
 
 
-def update_norm(grad: torch.Tensor, c: torch.Tensor, math_dtype) -> torch.Tensor:
-    """‖c ⊙ G‖ without forming c ⊙ G (c: 0-d, (m,1) or (1,n))."""
-    if c.dim() == 0:
-        return c * torch.linalg.vector_norm(grad, dtype=math_dtype)
-    dim = 1 if c.shape[1] == 1 else 0  # (m,1): one factor per row, so row norms
-    g_norms = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=math_dtype)
-    return (c * g_norms).norm()
+def grad_sq(grad: torch.Tensor, scale_type: str, math_dtype) -> torch.Tensor:
+    """‖G‖² (0-d, tensor-wise) or the squared norms of the channels c scales: rows (m,1) when m >= n,
+    columns (1,n) otherwise (channel-wise)."""
+    if scale_type == "tensor":
+        return torch.linalg.vector_norm(grad, dtype=math_dtype).square()
+    dim = 1 if projects_right(tuple(grad.shape)) else 0
+    return torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=math_dtype).square()
 
 
-def _limit(c: torch.Tensor, u_norm: torch.Tensor, state: dict, first: bool, norm_growth_limit: float,
-           limiter_decay: float) -> torch.Tensor:
-    """Norm-growth limiter (Fira, γ): if ‖U‖ > γ·‖U_prev‖, scale U down to γ·‖U_prev‖.
+def update_norm(c: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """‖c ⊙ G‖ from c (0-d, (m,1) or (1,n)) and grad_sq of G of the same layout, without forming c ⊙ G."""
+    return (c.square() * g_sq).sum().sqrt()
+
+
+def _limit(c: torch.Tensor, u_norm: torch.Tensor, prev: torch.Tensor, norm_growth_limit: float,
+           limiter_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm-growth limiter (Fira, γ): if ‖U‖ > γ·‖U_prev‖, scale U down to γ·‖U_prev‖. Returns (c, the
+    reference norm for the next step). prev = 0: no reference yet (the first step, or after a resume that
+    changed the accumulation), nothing is limited.
 
     limiter_decay = 0 is the paper's limiter: the reference norm is the last (limited) one. With small
     noisy batches that reference ratchets down (any dip lowers it, growth back is capped at 1%/step), so
@@ -118,20 +126,27 @@ def _limit(c: torch.Tensor, u_norm: torch.Tensor, state: dict, first: bool, norm
     at (1-d) per step.
     """
     if norm_growth_limit <= 0:
-        return c
+        return c, prev
     math_dtype = u_norm.dtype
-    prev = state["prev_norm"].to(math_dtype)
-    if not first:
-        rho = torch.clamp(u_norm / (prev + 1e-8), min=norm_growth_limit) / norm_growth_limit
-        c = c / rho
-        u_norm = u_norm / rho
+    prev = prev.to(math_dtype)
+    rho = torch.clamp(u_norm / (prev + 1e-8), min=norm_growth_limit) / norm_growth_limit
+    rho = torch.where(prev > 0, rho, torch.ones_like(rho))
+    c, u_norm = c / rho, u_norm / rho
     ref = u_norm.detach()
-    if limiter_decay > 0 and not first:
+    if limiter_decay > 0:
         ref = torch.maximum(ref, limiter_decay * prev)
     # a non-finite gradient must not poison the reference (the caller zeroes c for it)
-    ref = torch.where(torch.isfinite(ref), ref, prev)
-    state["prev_norm"] = ref.to(torch.float32) if math_dtype == torch.float32 else ref
-    return c
+    return c, torch.where(torch.isfinite(ref), ref, prev)
+
+
+def _limited(c, g_sq, state, norm_growth_limit, limiter_decay) -> torch.Tensor:
+    """Limiter on U = c ⊙ G (given by grad_sq of G), reference updated; then c = 0 where the gradient is
+    not finite. Leaves state['finite'] (a device bool for the caller to take and read later: no host
+    sync per tensor)."""
+    finite = torch.isfinite(g_sq).all()
+    c, ref = _limit(c, update_norm(c, g_sq), state["prev_norm"], norm_growth_limit, limiter_decay)
+    state["prev_norm"], state["finite"] = ref.float(), finite
+    return torch.where(finite, c, torch.zeros_like(c))
 
 
 def _refresh_projection(grad: torch.Tensor, state: dict, rank: int, update_proj_gap: int) -> None:
@@ -156,7 +171,7 @@ def apollo_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
     r = project(grad, state["proj"]).to(math_dtype)
     m, v, t = _moments(state, r, beta1, beta2, commit=True)
     c = _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps)
-    return _guarded(grad, c, state, t == 1, math_dtype, norm_growth_limit, limiter_decay)
+    return _limited(c, grad_sq(grad, scale_type, math_dtype), state, norm_growth_limit, limiter_decay)
 
 
 def refresh_projection(shape: tuple[int, int], state: dict, rank: int, update_proj_gap: int, device) -> None:
@@ -176,87 +191,170 @@ def projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, 
     the projection first (refresh_projection). Same equations, same state, as apollo_multiplier."""
     m, v, t = _moments(state, r, beta1, beta2, commit=True)
     c = _scale(r, m, v, t, shape, "tensor", beta1, beta2, eps)
-    return _limited(c, c * g_norm, state, t == 1, norm_growth_limit, limiter_decay)
-
-
-def _guarded(grad, c, state, first, math_dtype, norm_growth_limit, limiter_decay) -> torch.Tensor:
-    """Limiter, then c = 0 where the gradient is not finite; leaves state['finite'] (a device bool for
-    the caller to take and read later: no host sync per tensor)."""
-    return _limited(c, update_norm(grad, c, math_dtype), state, first, norm_growth_limit, limiter_decay)
-
-
-def _limited(c, u_norm, state, first, norm_growth_limit, limiter_decay) -> torch.Tensor:
-    """_guarded from the update's norm ‖c ⊙ G‖ (also for gradients given only by slices or rows)."""
-    finite = torch.isfinite(u_norm)
-    c = _limit(c, u_norm, state, first, norm_growth_limit, limiter_decay)
-    state["finite"] = finite
-    return torch.where(finite, c, torch.zeros_like(c))
+    return _limited(c, g_norm.square(), state, norm_growth_limit, limiter_decay)
 
 
 # ---- lagged-scale accumulation ---------------------------------------------------------------------
 # With K micro-batches per optimizer step and in-backward updates, the exact mode must keep every
 # matrix's full gradient until the last micro-batch. APOLLO's update is U = c ⊙ G, *linear* in G once c
-# is fixed, and its moments live in the projected space, where R(Σ G_i) = Σ R(G_i). So each micro-batch
-# i applies lr·√scale·c_{t-1} ⊙ G_i at once (c of the previous step) and adds R_i = R(G_i) to a small
-# buffer; at the step boundary the moments take ΣR_i once and give c_t for the next window. The applied
-# direction is exactly that of accumulated gradients; the scale lags by one step. The very first window
-# has no previous scale: each of its micro-batches uses the scale its own R_i would give (a peek at the
-# moments, not committed). Extra state: the R buffer (max(m,n)·rank) and c (one scalar or one per channel).
+# is fixed, and its moments live in the projected space, where R(Σ G_i) = Σ R(G_i). So the lagged mode
+# applies each micro-batch's share at once and keeps only ΣR_i: at the window's end (`lagged_commit`) the
+# moments take ΣR_i once, the scale c_t follows, and the limiter compares the window's update
+# ‖c_t ⊙ ΣG_i‖ with the previous window's, as the exact mode does once per step.
+#
+# What a window applies: its own accumulated direction ΣG_i, at the size of the previous window's
+# (limited) step, S_t = ‖c_t ⊙ ΣG‖ (per channel for channel-wise c). Micro-batch i applies
+# c = S_t / ĝ ⊙ G_i, where ĝ predicts this window's ‖ΣG‖ from its micro-batches so far (their mean ‖G_i‖²,
+# ×K, × the previous window's alignment ‖ΣG‖²/Σ‖G_i‖²). Applying c_t itself instead (c_t ⊙ ΣG_{t+1})
+# scaled the step by ‖G_{t+1}‖/‖G_t‖, a feedback the exact mode's 1/‖R‖ normalization does not have:
+# with the limiter measuring window t and acting on window t+1, the step swung by 0.2-5× from one window
+# to the next (BENCHMARKS.md, "Lagged accumulation").
+#
+# ‖ΣG_i‖ is never formed: the window keeps Σ‖G_i‖² and a sketch of each G_i (H_i = A·G_i, A a Gaussian
+# SKETCH_ROWS × max(m,n) matrix drawn anew each window, compressing the larger side), and
+# ‖ΣG_i‖² ≈ Σ‖G_i‖² · ‖ΣH_i‖² / Σ‖H_i‖², the micro-batches' alignment measured in the sketch (exact when
+# they are parallel or orthogonal; ±4 % with 16 rows, against 0.5-1.2× measured in APOLLO's rank-1 R).
+#
+# A window without a step size yet (a fresh run, or a resume that changed the accumulation) applies
+# nothing before its last micro-batch, which commits the window and carries the whole window's step in
+# G_K's direction. A window whose spike guard skipped micro-batches commits the mean of those it used
+# (×K/used), as the exact mode steps on their mean. Extra state: ΣR (max(m,n)·rank), the sketch's sum
+# (SKETCH_ROWS·min(m,n)), the step size (one or one per channel) and a few scalars.
 
-def _lagged_scale(r: torch.Tensor, state: dict, shape, scale_type: str, beta1: float, beta2: float,
-                  eps: float) -> tuple[torch.Tensor, bool]:
-    """Add one micro-batch's R to the window's sum; the scale to apply: the previous window's (lag_scale),
-    or in the very first window this micro-batch's own. Also: is this the run's first window?"""
+SKETCH_ROWS = 16
+
+
+def sketch_matrix(shape: tuple[int, int], state: dict, device) -> torch.Tensor:
+    """The window's sketch A (SKETCH_ROWS × max(m,n)), N(0,1), from the projection seed and the step: the
+    same for every micro-batch of a window, another in the next."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(next_seed(state["seed"] ^ (state["step"] + 1)))
+    return torch.randn(SKETCH_ROWS, max(shape), generator=gen, device=device)
+
+
+def sketch(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """H = A·G compressing G's larger side: (s, n) when m >= n, else (m, s)."""
+    if projects_right(tuple(grad.shape)):
+        return a @ grad.to(a.dtype)
+    return grad.to(a.dtype) @ a.T
+
+
+def _add_micro(state: dict, r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Add one micro-batch's R, ‖G‖² and sketch H to the window's sums (nothing of a non-finite one); its
+    finite flag."""
+    finite = torch.isfinite(g_sq).all()
     if state.get("r_sum") is None:
         state["r_sum"] = torch.zeros_like(state["exp_avg"])
-    state["r_sum"] = state["r_sum"].to(r.dtype).add_(torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0))
+    r, h, g_sq = (torch.where(finite, x, torch.zeros_like(x)) for x in (r, h, g_sq))
+    state["r_sum"] = state["r_sum"].to(r.dtype).add_(r)
+    state["sk_sum"] = h if state.get("sk_sum") is None else state["sk_sum"].add_(h)
+    state["sk_sq"] = state.get("sk_sq", 0) + h.square().sum()
+    state["g_sq"] = state.get("g_sq", 0) + g_sq
     state["r_count"] = state.get("r_count", 0) + 1
-    first = state["step"] == 0 and state.get("lag_scale") is None
-    if state.get("lag_scale") is None:
-        m, v, t = _moments(state, r, beta1, beta2, commit=False)
-        return _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps), first
-    return state["lag_scale"].to(r.dtype), first
+    return finite
+
+
+def _alignment(state: dict) -> torch.Tensor:
+    """‖ΣG_i‖² / Σ‖G_i‖² of the window so far, from the sketch (1 when it is empty)."""
+    h_sq = state["sk_sq"]
+    return torch.where(h_sq > 0, state["sk_sum"].square().sum() / h_sq, torch.ones_like(h_sq))
+
+
+def _lagged_micro(r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor, state: dict, *, shape, scale_type: str,
+                  window: int, last: bool, beta1: float, beta2: float, eps: float, norm_growth_limit: float,
+                  limiter_decay: float) -> torch.Tensor | None:
+    """One micro-batch of the lagged mode from R = project(G), grad_sq(G) and the sketch H = A·G: c for
+    U = c ⊙ G, or None when nothing is to be applied now (a window without a step size, before its last
+    micro-batch)."""
+    finite = _add_micro(state, r, g_sq, h)
+    state["finite"] = finite
+    if state.get("lag_step") is not None:  # the previous window's step, over this window's predicted ‖ΣG‖
+        g_hat = state["g_sq"] * (window / state["r_count"]) * state["lag_align"]
+    elif last:  # commit now; this micro-batch carries the whole window's step
+        lagged_commit(state, shape=shape, scale_type=scale_type, window=window, beta1=beta1, beta2=beta2, eps=eps,
+                      norm_growth_limit=norm_growth_limit, limiter_decay=limiter_decay)
+        g_hat = g_sq
+    else:
+        return None
+    c = torch.where(g_hat > 0, state["lag_step"] / g_hat.sqrt(), torch.zeros_like(g_hat)).to(r.dtype)
+    return torch.where(finite, c, torch.zeros_like(c))
 
 
 def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type: str, update_proj_gap: int,
-                      beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
-    """One micro-batch of the lagged mode: add R(G) to the window's buffer and return c for U = c ⊙ G.
-
-    The limiter acts per micro-batch (γ against the previous micro-batch's update norm)."""
-    shape = tuple(grad.shape)
+                      window: int, last: bool, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor | None:
+    """One micro-batch of a lagged window of `window` micro-batches (`last`: the window's last one): add
+    R(G) to the window's sums and return c for U = c ⊙ G, or None: nothing to apply now (see above)."""
     math_dtype = torch.promote_types(grad.dtype, torch.float32)
     if state.get("r_count", 0) == 0:  # first micro-batch of a window: P is fixed for the whole window
         _refresh_projection(grad, state, rank, update_proj_gap)
     r = project(grad, state["proj"]).to(math_dtype)
-    c, first = _lagged_scale(r, state, shape, scale_type, beta1, beta2, eps)
-    c = _guarded(grad, c, state, first and state["r_count"] == 1, math_dtype, norm_growth_limit, limiter_decay)
-    return c
+    h = sketch(grad, sketch_matrix(tuple(grad.shape), state, grad.device))
+    return _lagged_micro(r, grad_sq(grad, scale_type, math_dtype), h, state, shape=tuple(grad.shape),
+                         scale_type=scale_type, window=window, last=last, beta1=beta1, beta2=beta2, eps=eps,
+                         norm_growth_limit=norm_growth_limit, limiter_decay=limiter_decay)
 
 
-def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, shape: tuple[int, int],
-                                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                                norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
-    """lagged_multiplier (tensor-wise) from R = project(G) and ‖G‖ only (see projected_multiplier). The caller
-    refreshes the projection at a window's first micro-batch (state['r_count'] == 0)."""
-    c, first = _lagged_scale(r, state, shape, "tensor", beta1, beta2, eps)
-    return _limited(c, c * g_norm, state, first and state["r_count"] == 1, norm_growth_limit, limiter_decay)
+def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, h: torch.Tensor, state: dict, *,
+                                shape: tuple[int, int], window: int, last: bool, beta1: float = 0.9,
+                                beta2: float = 0.999, eps: float = 1e-8, norm_growth_limit: float = 1.01,
+                                limiter_decay: float = 0.0) -> torch.Tensor | None:
+    """lagged_multiplier (tensor-wise) from R = project(G), ‖G‖ and the sketch h = sketch_matrix(...)·G, each
+    summed over G's slices or rows (see projected_multiplier). The caller refreshes the projection at a
+    window's first micro-batch (state['r_count'] == 0)."""
+    return _lagged_micro(r, g_norm.square(), h, state, shape=shape, scale_type="tensor", window=window, last=last,
+                         beta1=beta1, beta2=beta2, eps=eps, norm_growth_limit=norm_growth_limit,
+                         limiter_decay=limiter_decay)
 
 
-def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, beta1: float = 0.9,
-                  beta2: float = 0.999, eps: float = 1e-8) -> None:
-    """Step boundary of the lagged mode: the moments take the window's summed R once; c_t is stored for
-    the next window. No-op for a window without micro-batches (all skipped)."""
-    if not state.get("r_count"):
+def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, window: int, beta1: float = 0.9,
+                  beta2: float = 0.999, eps: float = 1e-8, norm_growth_limit: float = 1.01,
+                  limiter_decay: float = 0.0) -> None:
+    """Window boundary: the moments take the window's R once (the mean of the micro-batches used, ×K/used,
+    when the spike guard skipped some), the limiter compares the window's update ‖c ⊙ ΣG‖ with the previous
+    window's, and that (limited) step size is stored for the next window. No-op without micro-batches."""
+    used = state.get("r_count", 0)
+    if not used:
         return
-    r = state["r_sum"]
+    k = window / used
+    r = state["r_sum"] * k
     m, v, t = _moments(state, r, beta1, beta2, commit=True)
-    state["lag_scale"] = _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps)
-    state["r_sum"] = torch.zeros_like(r)
+    c = _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps)
+    # as if whole: K·(mean of the used micro-batches); ‖ΣG‖² = Σ‖G_i‖² · align, both ×K/used
+    align = _alignment(state) * k
+    g_window = state["g_sq"] * k * align  # per channel for channel-wise c
+    c, ref = _limit(c, update_norm(c, g_window), state["prev_norm"], norm_growth_limit, limiter_decay)
+    if used == window or state.get("lag_align") is None:  # a window with skips cannot measure the alignment
+        state["lag_align"] = align.float()
+    state["prev_norm"], state["lag_step"] = ref.float(), (c * g_window.sqrt()).float()
+    reset_window(state)
+
+
+def reset_window(state: dict) -> None:
+    """Empty the window's sums (a commit, a resume)."""
+    if state.get("r_sum") is not None:
+        state["r_sum"] = torch.zeros_like(state["r_sum"])
+    state["sk_sum"], state["sk_sq"], state["g_sq"] = None, 0, 0
     state["r_count"] = 0
 
 
+def forget_accumulation(state: dict, reference: bool) -> None:
+    """After a resume that changed the accumulation: the next window finds its step size anew (applied at
+    its last micro-batch) and, with reference=True, the limiter starts afresh (its reference norm belonged
+    to windows of another size)."""
+    state["lag_step"] = state["lag_align"] = None
+    if reference:
+        state["prev_norm"] = torch.zeros_like(state["prev_norm"])
+
+
 # ---- state as tensors (checkpoints) ----------------------------------------------------------------
+# Checkpoints are written at step boundaries, where a lagged window's sums are empty: only the step size
+# and alignment the next window applies are saved. Checkpoints of earlier versions may hold `r_sum` (always
+# zero there) and `lag_scale` (the scale itself, not a step size): both are read and dropped.
+SAVED = ("exp_avg", "exp_avg_sq", "prev_norm", "proj", "lag_step", "lag_align")
+OLD_KEYS = ("r_sum", "lag_scale")
+
+
 def state_shapes(shape: tuple[int, int], rank: int, scale_type: str) -> dict[str, tuple]:
     """Shapes of every tensor a checkpoint may hold for one matrix's state."""
     rshape = (shape[0], rank) if projects_right(shape) else (rank, shape[1])
@@ -265,7 +363,8 @@ def state_shapes(shape: tuple[int, int], rank: int, scale_type: str) -> dict[str
     else:
         cshape = (shape[0], 1) if projects_right(shape) else (1, shape[1])
     return {"step": (), "seed": (), "exp_avg": rshape, "exp_avg_sq": rshape, "prev_norm": (),
-            "proj": projection_shape(shape, rank), "r_sum": rshape, "lag_scale": cshape}
+            "proj": projection_shape(shape, rank), "lag_step": cshape, "lag_align": (),
+            "r_sum": rshape, "lag_scale": cshape}
 
 
 REQUIRED_STATE = ("step", "seed", "exp_avg", "exp_avg_sq", "prev_norm")
@@ -275,7 +374,7 @@ def state_tensors(state: dict) -> dict[str, torch.Tensor]:
     """The state as named tensors (ints as int64 0-d tensors); drawn-later entries only once they exist."""
     out = {"step": torch.tensor(state["step"], dtype=torch.int64),
            "seed": torch.tensor(state["seed"], dtype=torch.int64)}
-    for k in ("exp_avg", "exp_avg_sq", "prev_norm", "proj", "r_sum", "lag_scale"):
+    for k in SAVED:
         if state.get(k) is not None:
             out[k] = state[k]
     return out
@@ -287,6 +386,8 @@ def load_state_tensors(state: dict, tensors: dict[str, torch.Tensor]) -> None:
     state["step"], state["seed"] = int(tensors["step"]), int(tensors["seed"])
     for k in ("exp_avg", "exp_avg_sq", "prev_norm"):
         state[k] = tensors[k].to(dev)
-    for k in ("proj", "r_sum", "lag_scale"):
+    for k in ("proj", "lag_step", "lag_align"):
         state[k] = tensors[k].to(dev) if k in tensors else None
-    state["r_count"] = 0
+    if state["lag_step"] is not None and state["lag_align"] is None:
+        state["lag_step"] = None
+    reset_window(state)
