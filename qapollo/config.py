@@ -27,6 +27,9 @@ PRESET_8GB = os.path.join(os.path.dirname(DEFAULT_CONFIG), "llama_7b_8gb.yaml")
 # 2 decoder layers, 2,048 tokens per step, 25 steps): APOLLO-Mini matrices, and the float tensors' 8-bit Adam
 STABLE_LR_MATRICES = ((256, 3e-3), (1024, 3e-3), (2048, 1e-3), (4096, 7.5e-4))
 STABLE_LR_FLOAT = ((256, 3e-3), (1024, 7.5e-4), (2048, 2e-4), (4096, 1.875e-4))
+# the largest peak lrs the probe found stable at each width it ran (above the configs' values at 4096)
+LARGEST_STABLE_MATRICES = ((256, 3e-3), (1024, 3e-3), (2048, 1e-3), (4096, 1e-3))
+LARGEST_STABLE_FLOAT = ((256, 3e-3), (1024, 7.5e-4), (2048, 2e-4), (4096, 1e-3))
 
 
 def _log_interp(points, x: float) -> float:
@@ -53,6 +56,12 @@ def stable_lrs(hidden_size: int) -> tuple[float, float]:
     Adam follows 3e-3·256/width (muP's output-layer rule) down to 2e-4 at 2048, where 3.75e-4 failed.
     """
     return _log_interp(STABLE_LR_MATRICES, hidden_size), _log_interp(STABLE_LR_FLOAT, hidden_size)
+
+
+def largest_stable_lrs(hidden_size: int) -> tuple[float, float]:
+    """(matrices, float tensors): the largest peak lrs the stability probe found stable at this width,
+    interpolated between the widths it ran (what `train`'s lr note compares with)."""
+    return _log_interp(LARGEST_STABLE_MATRICES, hidden_size), _log_interp(LARGEST_STABLE_FLOAT, hidden_size)
 
 
 class ConfigError(ValueError):
@@ -123,7 +132,8 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum_steps: int = 1
     # exact: the hooks keep a full gradient between micro-batches; lagged: APOLLO matrices apply each
-    # micro-batch with the previous step's scale and keep only the projected gradient (layerwise.py)
+    # micro-batch at once, at the previous window's step size, and keep only the projected gradient and a
+    # sketch (optim/apollo.py)
     accum_mode: str = "exact"
     seed: int = 0
     save_every: int = 0  # 0: only at the end

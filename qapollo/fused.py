@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import sys
 import warnings
 
 import torch
@@ -129,11 +130,43 @@ def _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size: in
                               stochastic, keep)
 
 
+# ---- fail safe: the compiled path has never run on every GPU and torch version it may meet -----------
+_given_up: list[str] = []  # why this process stopped compiling (at most one entry)
+_proven: set = set()  # calls (kernel, shapes, dtypes) whose compiled code has already run once
+
+
+def _signature(name: str, *args) -> tuple:
+    return (name,) + tuple((tuple(a.shape), a.dtype, a.device.type) if torch.is_tensor(a) else a for a in args)
+
+
+def _compiled_or_eager(key: tuple, compiled, eager):
+    """compiled() unless compiling failed earlier in this process; if a call that never ran before (its
+    compilation, or the first run of what it built) raises, say so once and continue with eager(), which
+    computes the same numbers. A compiled call that already ran once raises as usual."""
+    if not _given_up:
+        try:
+            out = compiled()
+        except Exception as e:  # noqa: BLE001 (Inductor/Triton raise many kinds; any of them means: eager)
+            if key in _proven:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            _given_up.append(f"{type(e).__name__}: {first}")
+            print(f"qapollo: the compiled int8 kernels failed ({_given_up[0]}); continuing with the eager update, "
+                  f"which gives the same numbers, only slower (model.fused_update=false skips compiling)",
+                  file=sys.stderr, flush=True)
+        else:
+            _proven.add(key)
+            return out
+    return eager()
+
+
 @torch.no_grad()
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """quant.dequantize compiled: one kernel, the `dtype` output is the only full-size tensor."""
-    return _compiled(quant.dequantize)(codes, scale, zero, group_size, dtype)
+    return _compiled_or_eager(_signature("dequantize", codes, scale, dtype),
+                              lambda: _compiled(quant.dequantize)(codes, scale, zero, group_size, dtype),
+                              lambda: quant.dequantize_chunked(codes, scale, zero, group_size, dtype))
 
 
 @torch.no_grad()
@@ -147,7 +180,12 @@ def update_quantized_(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     compared in 4M-element row chunks."""
     old = (codes.clone(), scale.clone(), zero.clone()) if count_changes else None
     start = torch.full((), quant.noise_key(seed), dtype=torch.int64, device=codes.device)  # no host sync
-    _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size, stochastic, keep)
+    # the grid kernel writes nothing: whichever of the two fails, the matrix is as it was for the eager update
+    _compiled_or_eager(_signature("update", codes, grad, coef, decay, keep, stochastic),
+                       lambda: _update_inplace(codes, scale, zero, grad, coef, decay, start, group_size, stochastic,
+                                               keep),
+                       lambda: quant.update_quantized_(codes, scale, zero, group_size, grad, coef, decay,
+                                                       stochastic=stochastic, seed=seed, keep=keep))
     if old is None:
         return 0
     changed = torch.zeros((), dtype=torch.int64, device=codes.device)

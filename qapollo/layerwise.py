@@ -16,9 +16,11 @@ every tensor sees the same schedule, exactly once per optimizer step, starting a
 Gradient accumulation (K micro-batches per optimizer step), two modes:
   * exact: on all micro-batches but the last the hooks only accumulate; on the last they add the
     accumulated part and step. Exact, but one full gradient stays resident between micro-batches.
-  * lagged: APOLLO matrices apply each micro-batch's share at once with the previous step's scaling and
-    keep only the projected gradient (optim/apollo.py); float tensors (embeddings, norms, lm_head)
-    accumulate as in exact mode. Resident extra: the float tensors' gradients (0.49 GiB at 7B in bf16).
+  * lagged: APOLLO matrices apply each micro-batch's share at once, at the previous window's step size,
+    and keep only the projected gradient and a sketch (optim/apollo.py); float tensors (embeddings, norms,
+    lm_head) accumulate as in exact mode. Resident extra: the float tensors' gradients (0.49 GiB at 7B).
+  When the spike guard skipped micro-batches, the tensors that step once per step take the mean of those
+  used (the loss of each is divided by K before anyone knows how many will be skipped).
 
 Data parallel (distributed.py): every gradient is averaged over the ranks before its update, so every
 rank applies the same one. In exact mode that is one all-reduce per tensor per optimizer step (on the

@@ -38,6 +38,7 @@ import torch
 
 from . import quant
 from .fused import wanted
+from .optim.apollo import SKETCH_ROWS
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -175,11 +176,12 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool | None = Non
             c["apollo_states"] += 2 * (4 * o.rank * (2 * V + h) + 4)
     lagged = t.accum_mode == "lagged" and o.name != "adamw"
     if lagged:
-        # + the window's summed projected gradient (max(m,n)·rank) and the lagged scale (1 or per channel)
-        c["apollo_states"] += L * sum(4 * o.rank * max(a, b) + 4 * (1 if o.scale_type == "tensor" else max(a, b))
-                                      for _, a, b in mats)
+        # + the window's summed projected gradient (max(m,n)·rank), its sketch's sum (SKETCH_ROWS·min(m,n))
+        # and the step size (1 or per channel) (optim/apollo.py)
+        c["apollo_states"] += L * sum(4 * o.rank * max(a, b) + 4 * SKETCH_ROWS * min(a, b)
+                                      + 4 * (1 if o.scale_type == "tensor" else max(a, b)) for _, a, b in mats)
         if lean:
-            c["apollo_states"] += 2 * (4 * o.rank * V + 4)
+            c["apollo_states"] += 2 * (4 * o.rank * V + 4 * SKETCH_ROWS * h + 4)
     if t.grad_accum_steps > 1:
         if lagged:
             # only the float tensors (embed, lm_head, norms) accumulate a gradient (layerwise.py)

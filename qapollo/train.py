@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config, flat_dict, stable_lrs
+from .config import Config, flat_dict, largest_stable_lrs
 from .failures import StepFailed, TrainError, on_step_failure  # noqa: F401 (StepFailed: callers import it from here)
 from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
@@ -109,17 +109,18 @@ class Trainer:
             tune_cpu_allocator()
 
     def _note_lr(self) -> None:
-        """Say so when a peak lr is well above what the stability probe found stable at this width."""
+        """Say so when a peak lr is well above the largest the stability probe found stable at this width."""
         m, o = self.cfg.model, self.cfg.optim
         if o.name == "adamw":
             return
-        lr_ok, float_ok = stable_lrs(m.hidden_size)
+        lr_ok, float_ok = largest_stable_lrs(m.hidden_size)
         for key, lr, ok in (("optim.lr", o.lr, lr_ok),
                             ("optim.float_lr", o.lr if o.float_lr is None else o.float_lr, float_ok)):
             if lr > 2 * ok:
-                self._say(f"qapollo: note: {key}={lr:g} is {lr / ok:.1f}x the peak lr found stable at width "
-                          f"{m.hidden_size} ({ok:.3g}; BENCHMARKS.md, 'Stable learning rates'): expect loss "
-                          f"spikes (the spike guard skips the worst; a larger batch did not raise the stable lr)")
+                self._say(f"qapollo: note: {key}={lr:g} is {lr / ok:.1f}x the largest peak lr the stability probe "
+                          f"found stable at width {m.hidden_size} ({ok:.3g}; BENCHMARKS.md, 'Stable learning rates'): "
+                          f"expect loss spikes (the spike guard skips the worst; a larger batch did not raise the "
+                          f"stable lr)")
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> float | None:
@@ -262,8 +263,20 @@ class Trainer:
         replicas checked, rank 0 writes, the other ranks wait for it."""
         from . import checkpoint
         self._check_replicas(self.opt.step_count)
-        path = checkpoint.save(self) if self.dist.is_main else None
-        self.checkpoint_path = self.dist.broadcast_object(path)
+        outcome, failure = None, None
+        if self.dist.is_main:
+            try:
+                outcome = ("saved", checkpoint.save(self))
+            except Exception as e:  # the other ranks wait in the broadcast below: they must learn of it too
+                if not self.dist.enabled:
+                    raise
+                outcome, failure = ("failed", str(e).splitlines()[0] if str(e) else type(e).__name__), e
+        outcome = self.dist.broadcast_object(outcome)
+        if failure is not None:
+            raise failure
+        if outcome[0] == "failed":
+            raise TrainError(f"rank 0 could not save the checkpoint, so rank {self.dist.rank} stops too: {outcome[1]}")
+        self.checkpoint_path = outcome[1]
 
     def _check_replicas(self, step: int) -> None:
         """Several ranks: stop (ReplicaMismatch) unless every rank holds the same weights; once per step."""

@@ -8,7 +8,9 @@ the first scenario of kind cli, the others train or perturb:
   cli      `qapollo train --config config_path` (the entry point run_7b.py calls); out/rank<r>.rc
   perturb     as train, but rank 1 changes one int8 code after setup
   other_seed  as train, but rank 1 gets another train.seed
-  (a run that stops with a DistributedError writes it to out/rank<r>.err instead of its weights)
+  save_fails  as train, but rank 0's checkpoint save raises (a full disk)
+  (a run that stops with a DistributedError, TrainError or CheckpointError writes it to out/rank<r>.err
+  instead of its weights)
 """
 import json
 import os
@@ -18,11 +20,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from qapollo import checkpoint
+from qapollo.checkpoint import CheckpointError, DiskSpaceError
 from qapollo.cli import main as cli_main
 from qapollo.config import config_from_dict
 from qapollo.distributed import DistributedError, GradAverager
 from qapollo.model import int8_modules
-from qapollo.train import Trainer
+from qapollo.train import Trainer, TrainError
 
 PERTURBED = "model.layers.1.mlp.up_proj"
 
@@ -31,17 +35,23 @@ def run_trainer(cfg, out: str, rank: int, kind: str) -> None:
     if kind == "other_seed" and rank == 1:
         cfg.train.seed += 1
     tr = Trainer(cfg, progress=False)
+    real_save = checkpoint.save
+    if kind == "save_fails" and rank == 0:
+        def full_disk(trainer):
+            raise DiskSpaceError("the disk filled up while writing checkpoint-1 (simulated)")
+        checkpoint.save = full_disk
     try:
         tr.setup()
         if kind == "perturb" and rank == 1:
             mod = dict(int8_modules(tr.model))[PERTURBED]
             mod.weight_codes[3, 5] ^= 1  # one bit of one code: the smallest possible divergence
         tr.fit()
-    except DistributedError as e:
+    except (DistributedError, TrainError, CheckpointError) as e:
         with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
             f.write(str(e))
         return
     finally:
+        checkpoint.save = real_save
         tr.dist.close()
     state = {k: v.contiguous() for k, v in tr.model.state_dict().items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))

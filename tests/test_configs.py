@@ -35,4 +35,12 @@ def test_recipe_note_for_an_unstable_lr(capsys, tmp_path):
     tr = Trainer(cfg, progress=False)
     tr._note_lr()
     out = capsys.readouterr()
-    assert "optim.lr=0.01 is 13.3x the peak lr found stable at width 4096" in out.out + out.err
+    # against the largest lr found stable at width 4096 (1e-3), not the recipe's 7.5e-4
+    assert "optim.lr=0.01 is 10.0x the largest peak lr the stability probe found stable at width 4096" in \
+        out.out + out.err
+    cfg = load_config(os.path.join(ROOT, "configs", "llama_7b.yaml"),
+                      ["optim.lr=1.8e-3", f"train.output_dir={tmp_path}", "train.device=cpu"])
+    tr = Trainer(cfg, progress=False)
+    tr._note_lr()  # 2.4x the recipe's lr but 1.8x the largest stable one: no note
+    out = capsys.readouterr()
+    assert "note" not in out.out + out.err

@@ -69,6 +69,8 @@ def runs(corpus, tmp_path_factory):
         {"kind": "perturb", "config": cfg_for(corpus, out, "dp_perturbed", 3).to_dict(),
          "out": str(out / "dp_perturbed")},
         {"kind": "other_seed", "config": cfg_for(corpus, out, "dp_seeds", 3).to_dict(), "out": str(out / "dp_seeds")},
+        {"kind": "save_fails", "config": cfg_for(corpus, out, "dp_save_fails", 3).to_dict(),
+         "out": str(out / "dp_save_fails")},
     ]
     spec = out / "spec.json"
     spec.write_text(json.dumps({"small_bytes": 100_000, "bucket_bytes": 150_000, "scenarios": scenarios}))
@@ -173,6 +175,15 @@ def test_ranks_with_different_seeds_refuse_to_start(runs):
     for r in (0, 1):
         assert (d / f"rank{r}.err").read_text().startswith("rank 1 started with train.seed=1 but rank 0 with 0")
     assert sorted(os.listdir(d)) == ["rank0.err", "rank1.err"]  # the run wrote nothing
+
+
+def test_a_failed_save_on_rank_0_stops_every_rank(runs):
+    """Rank 0's save fails (a full disk): it stops with its own message and rank 1 with the same one, instead
+    of waiting for rank 0 in a broadcast until the job's timeout."""
+    d = runs["out"] / "dp_save_fails"
+    assert (d / "rank0.err").read_text() == "the disk filled up while writing checkpoint-1 (simulated)"
+    assert (d / "rank1.err").read_text() == ("rank 0 could not save the checkpoint, so rank 1 stops too: the disk "
+                                            "filled up while writing checkpoint-1 (simulated)")
 
 
 # ---- resuming with another number of ranks --------------------------------------------------------------

@@ -234,3 +234,39 @@ def test_cuda_training_inside_backward_identical():
     assert l_ref == l_fus
     for k in s_ref:
         assert torch.equal(s_ref[k], s_fus[k]), k
+
+
+def test_a_failing_compile_falls_back_to_the_eager_path(monkeypatch, capsys):
+    """The compiled path has never run on a GPU: when compiling (or the first call of what it built) raises,
+    the run says so in one line and goes on with the eager update and dequantize, with the same numbers."""
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("simulated Inductor failure\nsecond line of its report")
+        return call
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_given_up", [])
+    monkeypatch.setattr(fused, "_proven", set())
+    cfg = tiny_config(model__hidden_size=64, model__intermediate_size=172, model__num_attention_heads=4)
+    results = {}
+    for fused_on in (False, True):
+        cfg.model.fused_update = fused_on
+        model = build_model(cfg.model, "cpu", seed=0)
+        assert all(m.fused == fused_on for _, m in int8_modules(model))
+        model.train()
+        opt = LayerwiseOptimizer(model, cfg.optim, max_steps=10, seed=0, stochastic_round=True)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for i in range(3):
+            x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
+            opt.begin_step(check=i == 0)
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.after_backward()
+            opt.end_step(check=i == 0)
+            losses.append(loss.item())
+        results[fused_on] = losses, {k: v.clone() for k, v in model.state_dict().items()}
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(results[True][1][k], v) for k, v in results[False][1].items())
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "compiled int8 kernels failed" in ln]
+    assert len(lines) == 1 and "RuntimeError: simulated Inductor failure)" in lines[0], err
