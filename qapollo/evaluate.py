@@ -71,14 +71,14 @@ def token_stream(files: list[str], tok, text_field: str, max_tokens: int | None,
     """Training's token stream (data.py: documents → <s> ids </s>) of local files, up to max_tokens."""
     from tqdm import tqdm
 
-    from .data import _write_tokens
+    from .pretokenize import default_num_proc, write_tokens
     from .textfiles import iter_file_documents, resolve_paths
     paths = resolve_paths(files, what="--data")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with tempfile.TemporaryDirectory() as d, \
             tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
         out = os.path.join(d, "tokens.bin")
-        _write_tokens(iter_file_documents(paths, text_field), tok, out, dtype, max_tokens, bar)
+        write_tokens(iter_file_documents(paths, text_field), tok, out, dtype, max_tokens, bar, default_num_proc())
         return np.fromfile(out, dtype=dtype)
 
 

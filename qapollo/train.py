@@ -52,7 +52,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         from . import checkpoint
-        from .data import build_data, check_vocab
+        from .data import build_data, check_vocab, repeat_note
         from .tokenizer import load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
@@ -75,6 +75,9 @@ class Trainer:
                                    world_size=self.dist.world)
         if cfg.eval.every > 0:
             self.data.check_eval_tokens()
+        note = repeat_note(self.data.info, t.batch_size * t.seq_len * t.grad_accum_steps * self.dist.world, t.max_steps)
+        if note:
+            self._say(note)
         self.dist.check_same({**flat_dict(cfg), "resume": cfg.resume, "data cache key": self.data.train.key,
                               "train tokens": self.data.info["n_train_tokens"], "torch": torch.__version__})
         self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
