@@ -455,7 +455,9 @@ def _validate_run(cfg: Config, need) -> None:
          f"data.num_proc must be >= 1 or null (one per core), got {cfg.data.num_proc}")
     need(all(isinstance(p, str) and p.strip() for p in e.sample_prompts),
          f"eval.sample_prompts must be a list of non-empty strings, got {e.sample_prompts!r}")
-    need(e.sample_tokens >= 1, f"eval.sample_tokens must be >= 1 (got {e.sample_tokens})")
+    need(1 <= e.sample_tokens < cfg.model.max_position_embeddings,
+         f"eval.sample_tokens must be >= 1 and below model.max_position_embeddings "
+         f"{cfg.model.max_position_embeddings} (got {e.sample_tokens})")
 
 
 

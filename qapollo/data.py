@@ -184,8 +184,7 @@ def _build_cache(src: _Source, tok: Tokenizer, final: str, max_tokens: int | Non
             if docs is None:
                 continue
             total = cap if split == "train" else None  # the validation cap is rarely reached
-            desc = f"tokenizing {split}" + (f" ({num_proc} processes)" if num_proc > 1 else "")
-            with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, mininterval=1.0) as bar:
+            with tqdm(total=total, unit="tok", unit_scale=True, desc=f"tokenizing {split}", mininterval=1.0) as bar:
                 meta[f"n_{split}"] = write_tokens(docs, tok, os.path.join(tmp, f"{split}.bin"), dtype, cap, bar,
                                                   num_proc)
         if meta.get("n_train", 0) == 0:
