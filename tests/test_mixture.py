@@ -102,6 +102,17 @@ def test_mixture_validation_is_in_proportion_and_held_out(tmp_path, sources):
     assert d.info["n_train_tokens"] == sum(s["n_train_tokens"] for s in d.info["sources"])
 
 
+def test_a_mixture_entry_can_name_a_dataset(tmp_path, sources):
+    folder = tmp_path / "ds"
+    folder.mkdir()  # a local folder of jsonl files, read by datasets (an entry's `dataset`, with its own keys)
+    (folder / "part0.jsonl").write_text("".join(json.dumps({"body": f"kings rule wisely {i}."}) + "\n" for i in range(80)))
+    entries = [{"path": sources["a"], "weight": 1}, {"dataset": str(folder), "text_field": "body", "weight": 1}]
+    d = build_data(cfg(tmp_path, entries), seq_len=8, batch_size=4, eval_tokens=16)
+    assert [s["source"] for s in d.info["sources"]] == [f"files {sources['a']}", f"dataset {folder} split train"]
+    text = " ".join(d.tokenizer.decode(r) for _ in range(5) for r in next(d.train).tolist())
+    assert "kings" in text and "cats" in text
+
+
 @pytest.mark.parametrize("entries, match", [
     ([{"path": "x.txt"}], "needs a weight > 0"),
     ([{"path": "x.txt", "weight": -1}], "needs a weight > 0"),
