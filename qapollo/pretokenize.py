@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -54,6 +55,11 @@ _worker: _Encoder | None = None  # the encoder of a worker process, built once b
 
 def _init_worker(tok, dtype) -> None:
     global _worker
+    # a forked worker inherits the parent's Python signal handlers (a trainer's SIGTERM handler only sets a
+    # flag): then Pool.terminate() could not end a worker blocked writing its result, and the build would
+    # hang. SIGTERM ends a worker; Ctrl-C is for the main process, which then terminates the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
     _worker = _Encoder(tok, dtype)
 

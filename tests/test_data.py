@@ -252,6 +252,32 @@ def test_cache_is_identical_for_any_num_proc(tmp_path, monkeypatch, tok):
         load_config(None, ["data.num_proc=0"])
 
 
+def test_workers_end_when_max_tokens_cuts_the_build_short(tmp_path):
+    """A pool stopped early must end its workers even when they inherited a flag-only SIGTERM handler (what
+    Trainer.fit installs): else a worker blocked writing a large result to its pipe never exits."""
+    import multiprocessing
+    import signal
+    big = tmp_path / "big.txt"
+    big.write_text(("\n\n".join(PARAS) + "\n\n") * 600)  # ~4 chunks of 1 MiB: ~0.5 MB of tokens per result
+    caught = []
+
+    def hung(*_):
+        for p in multiprocessing.active_children():  # fail, rather than hang the suite on the stuck worker
+            p.kill()
+        pytest.fail("the capped build did not finish: a worker outlived Pool.terminate()")  # not an OSError:
+        # multiprocessing's waitpid loop would swallow a TimeoutError
+    old_term, old_alarm = signal.signal(signal.SIGTERM, lambda *_: caught.append(1)), signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        d = build_data(cfg(tmp_path, path=str(big), num_proc=2, max_tokens=5000), seq_len=16, batch_size=2,
+                       eval_tokens=16)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(signal.SIGTERM, old_term)
+    assert d.info["n_train_tokens"] + d.info["n_val_tokens"] == 5000 and not caught
+
+
 def test_repeat_note_names_the_passes():
     from qapollo.data import repeat_note
     shipped = {"sources": [{"source": "default corpus", "weight": 1.0, "n_train_tokens": 4_183_000}]}
