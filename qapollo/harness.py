@@ -71,7 +71,8 @@ def make_lm(model, tok, max_length: int, batch_size: int):
                 until = kw.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 sample = kw.get("do_sample", False)
-                res = generate(self.model, self.tok, context, int(kw.get("max_gen_toks", 256)),
+                n = min(int(kw.get("max_gen_toks", 256)), self.max_length - 1)  # leave room for the context
+                res = generate(self.model, self.tok, context, n,
                                float(kw.get("temperature", 1.0)) if sample else 0.0, float(kw.get("top_p", 1.0)),
                                seed=0, stop=until)
                 out.append(res["completion"])
