@@ -16,6 +16,7 @@ from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .evaluate import EvalError
     from .export import ExportError
     from .distributed import DistributedError
     from .layerwise import UpdateCheckError
@@ -24,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .train import TrainError
     from .fused import FusedUnavailable
     return (ConfigError, DistributedError, UpdateCheckError, TrainError, MetricsError, FusedUnavailable,
-            FileNotFoundError, DataError, CheckpointError, ExportError)
+            FileNotFoundError, DataError, CheckpointError, ExportError, EvalError)
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:
@@ -52,13 +53,15 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    commands = {"train", "plan", "export", "eval", "tokenizer", "plot"}
+    commands = {"train", "plan", "export", "eval", "generate", "tokenizer", "plot"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: qapollo {train,plan,export,eval,tokenizer,plot} ...\n"
+        print("usage: qapollo {train,plan,export,eval,generate,tokenizer,plot} ...\n"
               "  train      pre-train a LLaMA (qapollo train --config configs/llama_20m.yaml key=value ...)\n"
               "  plan       print the memory plan of a config before allocating anything\n"
               "  export     write an HF-loadable bf16 model from a checkpoint\n"
-              "  eval       loss and perplexity of a checkpoint or HF folder on text (qapollo eval RUN --data F...)\n"
+              "  eval       loss and perplexity on text (qapollo eval RUN --data F...), or lm-evaluation-harness\n"
+              "             scores (qapollo eval RUN --tasks hellaswag,arc_easy,piqa)\n"
+              "  generate   what the model writes (qapollo generate RUN --prompt TEXT [--top-p 0.9])\n"
               "  tokenizer  train a sentencepiece BPE tokenizer (qapollo tokenizer train CORPUS... --vocab N OUT/)\n"
               "  plot       draw loss/eval curves of runs from their metrics.jsonl\n"
               "  --debug    show the traceback of an error instead of its one-line message")
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
         if cmd == "eval":
             from .evaluate import eval_main
             return eval_main(rest)
+        if cmd == "generate":
+            from .generate import generate_main
+            return generate_main(rest)
         if cmd == "plot":
             from .plot import plot_main
             return plot_main(rest)

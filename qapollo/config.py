@@ -155,11 +155,15 @@ class TrainConfig:
     replica_check_every: int = 100
     compile: bool = False
     tensorboard: bool = False  # also write metrics.jsonl's scalars to <run dir>/tb/ (needs `tensorboard`)
+    wandb: bool = False  # also log the metrics to Weights & Biases (needs `wandb`; WANDB_MODE=offline works)
+    wandb_project: str = "qapollo"
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # local files: .txt/.jsonl/.parquet (+.gz/.xz), globs, comma separated
+    # local files: .txt/.jsonl/.parquet (+.gz/.xz/.bz2), globs, comma separated or a list; or a weighted
+    # mixture: a list of {path: FILES, weight: W} mappings (an entry may name a `dataset` instead of a path)
+    path: str | list | None = None
     dataset: str | None = None  # datasets.load_dataset name or local dataset directory
     config: str | None = None
     split: str = "train"
@@ -168,6 +172,7 @@ class DataConfig:
     max_tokens: int | None = None  # cap on tokens taken from the source (streaming datasets)
     tokenizer: str | None = None  # None: the shipped 32k LLaMA-layout sentencepiece model
     cache_dir: str | None = None
+    num_proc: int | None = None  # processes that tokenize a new source; None: one per core (os.cpu_count())
 
 
 @dataclass
@@ -175,6 +180,9 @@ class EvalConfig:
     every: int = 0  # 0: never
     tokens: int = 65536
     batch_size: int = 8
+    # at each eval step, the greedy continuation of each prompt goes to metrics.jsonl ("samples") and TensorBoard
+    sample_prompts: list = field(default_factory=list)
+    sample_tokens: int = 32
 
 
 @dataclass
@@ -236,6 +244,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         elif t is dict:
             if isinstance(value, dict):
                 return value
+        elif t is list:
+            if isinstance(value, list):
+                return value
+            if isinstance(value, str) and str not in allowed:  # one item given on the command line
+                return [value]
         elif t is str:
             if isinstance(value, str):
                 return value
@@ -448,6 +461,14 @@ def _validate_run(cfg: Config, need) -> None:
                                               f"{e.batch_size})")
     need(cfg.data.max_tokens is None or cfg.data.max_tokens >= 1,
          f"data.max_tokens must be >= 1 or null (got {cfg.data.max_tokens})")
+    need(cfg.data.num_proc is None or cfg.data.num_proc >= 1,
+         f"data.num_proc must be >= 1 or null (one per core), got {cfg.data.num_proc}")
+    need(all(isinstance(p, str) and p.strip() for p in e.sample_prompts),
+         f"eval.sample_prompts must be a list of non-empty strings, got {e.sample_prompts!r}")
+    need(1 <= e.sample_tokens < cfg.model.max_position_embeddings,
+         f"eval.sample_tokens must be >= 1 and below model.max_position_embeddings "
+         f"{cfg.model.max_position_embeddings} (got {e.sample_tokens})")
+
 
 
 # Keys whose change makes a checkpoint incompatible (model shape, optimizer kind); everything else

@@ -20,6 +20,10 @@ or uint32 arrays, memory-mapped; `meta.json`), built in a temp folder and rename
 crash never leaves half a cache. The key hashes the source (paths + sizes + mtimes, or dataset
 name/config/split), the tokenizer file and the settings; the next run with the same key starts at once.
 
+Tokenizing uses data.num_proc processes (default: one per core) with a progress bar in tokens/s, and
+gives the same cache for any num_proc (pretokenize.py). A list of {path, weight} mappings in data.path is
+a weighted mixture of sources, each with its own cache (mixture.py).
+
 Packing: the train stream is cut into seq_len blocks, no padding (the tail shorter than one block is
 dropped). Block order is shuffled with numpy's Generator seeded by (seed, epoch), a new permutation
 each epoch. Validation: the first ceil(eval_tokens / seq_len) blocks of the validation stream, never
@@ -34,11 +38,14 @@ import logging
 import os
 import shutil
 import time
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from qapollo.mixture import MixtureLoader, apportion, mixture_entries, mixture_validation
+from qapollo.pretokenize import default_num_proc, write_tokens
 from qapollo.textfiles import DataError, iter_file_documents, resolve_paths
 from qapollo.tokenizer import Tokenizer, load_tokenizer
 
@@ -47,7 +54,7 @@ log = logging.getLogger(__name__)
 CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
 CACHE_VERSION = 1  # bump when the cache layout or document rules change
 VAL_CAP = 1 << 20  # validation tokens cached (or eval_tokens if larger): enough for any usual eval budget
-ENCODE_BATCH = 512  # documents per encode_batch call
+REPEAT_NOTE = 4  # the trainer says so when a run would pass over its train tokens more often than this
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
@@ -160,42 +167,8 @@ def _tokenizer_stamp(tok: Tokenizer) -> str:
     return h.hexdigest()
 
 
-def _write_tokens(docs: Iterator[str], tok: Tokenizer, path: str, dtype, cap: int | None, bar) -> int:
-    """Tokenize documents as <s> ids </s> and append them to path; stops at cap tokens."""
-    bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
-    n = 0
-    with open(path, "wb") as f:
-        batch = []
-        for doc in _chain_end(docs):
-            if doc is not None:
-                batch.append(doc)
-                if len(batch) < ENCODE_BATCH:
-                    continue
-            if not batch:
-                break
-            flat = []
-            for ids in tok.encode_batch(batch):
-                flat += bos
-                flat += ids
-                flat.append(tok.eos_id)
-            batch = []
-            arr = np.asarray(flat, dtype=dtype)
-            if cap is not None and n + len(arr) > cap:
-                arr = arr[: cap - n]
-            f.write(arr.tobytes())
-            n += len(arr)
-            bar.update(len(arr))
-            if cap is not None and n >= cap:
-                break
-    return n
-
-
-def _chain_end(it):
-    yield from it
-    yield None  # flush marker for the last partial batch
-
-
-def _build_cache(src: _Source, tok: Tokenizer, final: str, max_tokens: int | None, val_cap: int) -> dict:
+def _build_cache(src: _Source, tok: Tokenizer, final: str, max_tokens: int | None, val_cap: int,
+                 num_proc: int) -> dict:
     from tqdm.auto import tqdm
 
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -212,7 +185,8 @@ def _build_cache(src: _Source, tok: Tokenizer, final: str, max_tokens: int | Non
                 continue
             total = cap if split == "train" else None  # the validation cap is rarely reached
             with tqdm(total=total, unit="tok", unit_scale=True, desc=f"tokenizing {split}", mininterval=1.0) as bar:
-                meta[f"n_{split}"] = _write_tokens(docs, tok, os.path.join(tmp, f"{split}.bin"), dtype, cap, bar)
+                meta[f"n_{split}"] = write_tokens(docs, tok, os.path.join(tmp, f"{split}.bin"), dtype, cap, bar,
+                                                  num_proc)
         if meta.get("n_train", 0) == 0:
             raise DataError(f"{src.desc} gave no text; check data.path / data.dataset and data.text_field")
         meta["build_s"] = round(time.time() - t0, 2)
@@ -268,8 +242,9 @@ class BlockLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
-        parts, n, want = [], 0, self.batch_size * self.world_size
+    def take(self, want: int) -> np.ndarray:
+        """The next `want` blocks of the global order, [want, seq_len] int64 (advances the cursor)."""
+        parts, n = [], 0
         while n < want:
             if self.position == self.n_blocks:
                 self.epoch, self.position = self.epoch + 1, 0
@@ -278,8 +253,11 @@ class BlockLoader:
             self.position += take
             n += take
         idx = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        idx = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]  # this rank's shard
-        return torch.from_numpy(self.blocks[idx].astype(np.int64))
+        return self.blocks[idx].astype(np.int64)
+
+    def __next__(self) -> torch.Tensor:
+        rows = self.take(self.batch_size * self.world_size)
+        return torch.from_numpy(rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])  # this rank's
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
@@ -321,15 +299,10 @@ class Data:
         return list(blocks.split(batch_size))
 
 
-def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536,
-               tokenizer: Tokenizer | None = None, rank: int = 0, world_size: int = 1) -> Data:
-    """Tokenize (or find in the cache) the configured source and return loaders over it (rank's shard).
+def _load_source(cfg, tok: Tokenizer, seq_len: int, eval_tokens: int, hold_blocks: int) -> SimpleNamespace:
+    """One source's token cache (tokenized first if missing): its train and held-out tokens, memory-mapped.
 
-    `tokenizer`: one already loaded from cfg.tokenizer (the trainer checks it before anything is tokenized).
-    """
-    if seq_len < 1 or batch_size < 1:
-        raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
-    tok = tokenizer or load_tokenizer(getattr(cfg, "tokenizer", None))
+    A source without a validation split holds out the last `hold_blocks` blocks of its train stream."""
     src = _Source(cfg)
     max_tokens = getattr(cfg, "max_tokens", None)
     if src.streaming and not max_tokens:
@@ -346,27 +319,87 @@ def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: i
         meta, hit = json.load(open(os.path.join(final, "meta.json"))), True
         log.info("token cache hit: %s", final)
     else:
-        log.info("tokenizing %s with %s into %s", src.desc, tok.name_or_path, final)
-        meta, hit = _build_cache(src, tok, final, max_tokens, val_cap), False
+        num_proc = getattr(cfg, "num_proc", None) or default_num_proc()
+        log.info("tokenizing %s with %s into %s (%d processes)", src.desc, tok.name_or_path, final, num_proc)
+        meta, hit = _build_cache(src, tok, final, max_tokens, val_cap, num_proc), False
     build_s = 0.0 if hit else time.time() - t0
     train = _memmap(os.path.join(final, "train.bin"), meta["dtype"], meta["n_train"])
     if "n_validation" in meta:
         val = _memmap(os.path.join(final, "validation.bin"), meta["dtype"], meta["n_validation"])
         held_out = "validation split"
     else:  # no validation split: hold out the tail of the train stream, whole blocks
-        n_hold = -(-int(eval_tokens) // seq_len) * seq_len
+        n_hold = hold_blocks * seq_len
         if n_hold >= len(train):
             raise DataError(f"{src.desc} has {len(train)} tokens, too few to hold out eval.tokens={eval_tokens} for "
                             f"validation; add data or lower eval.tokens well below {len(train)}")
         train, val = train[: len(train) - n_hold], train[len(train) - n_hold :]
         held_out = f"last {n_hold} train tokens"
-    loader = BlockLoader(train, seq_len, batch_size, seed, key, rank, world_size)
-    if loader.n_blocks < batch_size * world_size:
-        what = f"{batch_size}" if world_size == 1 else f"{world_size} ranks × {batch_size}"
-        raise DataError(f"{src.desc} has {len(train)} train tokens = {loader.n_blocks} blocks of seq_len {seq_len}, fewer "
-                        f"than one batch of {what}; add data or lower train.batch_size / train.seq_len")
-    info = {"source": src.desc, "tokenizer": tok.name_or_path, "vocab_size": tok.vocab_size,
-            "n_train_tokens": int(len(train)), "n_val_tokens": int(len(val)), "validation": held_out,
-            "train_blocks": loader.n_blocks, "cache_dir": final, "cache_hit": hit, "cache_build_s": round(build_s, 2)}
+    return SimpleNamespace(train=train, val=val, key=key, desc=src.desc, held_out=held_out, cache_dir=final,
+                           hit=hit, build_s=build_s)
+
+
+def build_data(cfg, seq_len: int, batch_size: int, seed: int = 0, eval_tokens: int = 65536,
+               tokenizer: Tokenizer | None = None, rank: int = 0, world_size: int = 1) -> Data:
+    """Tokenize (or find in the cache) the configured source(s) and return loaders over them (rank's shard).
+
+    `tokenizer`: one already loaded from cfg.tokenizer (the trainer checks it before anything is tokenized).
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise DataError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
+    mix = mixture_entries(cfg)  # checked before anything is tokenized
+    tok = tokenizer or load_tokenizer(getattr(cfg, "tokenizer", None))
+    entries, weights = mix if mix else ([cfg], [1.0])
+    holds = apportion(-(-int(eval_tokens) // seq_len), weights)  # eval blocks per source
+    parts = [_load_source(e, tok, seq_len, eval_tokens, h) for e, h in zip(entries, holds)]
+    if mix is None:
+        p = parts[0]
+        loader, val, desc, held_out = BlockLoader(p.train, seq_len, batch_size, seed, p.key, rank, world_size), \
+            p.val, p.desc, p.held_out
+        if loader.n_blocks < batch_size * world_size:
+            what = f"{batch_size}" if world_size == 1 else f"{world_size} ranks × {batch_size}"
+            raise DataError(f"{desc} has {len(p.train)} train tokens = {loader.n_blocks} blocks of seq_len {seq_len}, "
+                            f"fewer than one batch of {what}; add data or lower train.batch_size / train.seq_len")
+        blocks = loader.n_blocks
+    else:
+        sources = [BlockLoader(p.train, seq_len, 1, seed, p.key) for p in parts]
+        for p, b in zip(parts, sources):
+            if b.n_blocks == 0:
+                raise DataError(f"{p.desc} has {len(p.train)} train tokens, less than one block of seq_len {seq_len}: "
+                                f"add data to it or remove it from the data.path mixture")
+        loader = MixtureLoader(sources, weights, seq_len, batch_size, rank, world_size)
+        val = mixture_validation([p.val for p in parts], weights, seq_len, eval_tokens)
+        desc = f"mixture of {len(parts)} sources"
+        held_out = "each source's share of its " + " / ".join(p.held_out for p in parts)
+        blocks = sum(b.n_blocks for b in sources)
+    info = {"source": desc, "tokenizer": tok.name_or_path, "vocab_size": tok.vocab_size,
+            "n_train_tokens": int(sum(len(p.train) for p in parts)), "n_val_tokens": int(len(val)),
+            "validation": held_out, "train_blocks": blocks,
+            "cache_dir": parts[0].cache_dir if mix is None else [p.cache_dir for p in parts],
+            "cache_hit": all(p.hit for p in parts), "cache_build_s": round(sum(p.build_s for p in parts), 2),
+            "sources": [{"source": p.desc, "weight": w, "n_train_tokens": int(len(p.train))}
+                        for p, w in zip(parts, weights)]}
     log.info("data: %s", info)
     return Data(tok, loader, val, seq_len, int(eval_tokens), info)
+
+
+def repeat_note(info: dict, tokens_per_step: int, max_steps: int) -> str | None:
+    """A line for the trainer when the run would pass over its train tokens (of the most-repeated source of
+    a mixture) more than REPEAT_NOTE times; None otherwise. Repeating a small corpus that often teaches a
+    model to recite it, and the validation loss stops meaning much."""
+    total = tokens_per_step * max_steps
+    src = max(info["sources"], key=lambda s: s["weight"] / max(1, s["n_train_tokens"]))
+    passes = total * src["weight"] / max(1, src["n_train_tokens"])
+    if passes <= REPEAT_NOTE:
+        return None
+    of = f" (weight {src['weight']:.3g} of the mixture)" if len(info["sources"]) > 1 else ""
+    return (f"qapollo: note: {max_steps:,} steps × {tokens_per_step:,} tokens = {_count(total)} tokens pass over the "
+            f"{_count(src['n_train_tokens'])} train tokens of {src['source']}{of} about {passes:,.0f} times: the "
+            f"model will learn to recite them. Point data.path at your own files (.txt/.jsonl/.parquet, globs, or "
+            f"a weighted list) or data.dataset at a datasets name or folder (README: 'Pre-train on real data')")
+
+
+def _count(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)

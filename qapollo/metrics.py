@@ -5,6 +5,7 @@ import json
 import os
 import resource
 import sys
+import uuid
 
 import torch
 
@@ -45,41 +46,96 @@ def require_tensorboard():
     return SummaryWriter
 
 
+def require_wandb():
+    """The wandb module; a one-line error when the optional package is missing."""
+    try:
+        import wandb
+    except ImportError:
+        raise MetricsError("train.wandb=true needs the wandb package: pip install wandb (or pip install -e "
+                           "'.[wandb]'), or set train.wandb=false") from None
+    return wandb
+
+
+def _numbers(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class WandbSink:
+    """Weights & Biases: the numeric fields of each record at its step, and eval samples as a table.
+
+    Started at the first record (a run refused during setup leaves no W&B run). The run id is kept in
+    <run dir>/wandb_id, so a resumed run continues the same W&B run; W&B ignores steps below the last one it
+    has, so steps re-run after a crash show in metrics.jsonl and TensorBoard only. WANDB_MODE=offline
+    writes the run under <run dir>/wandb/ for a later `wandb sync`.
+    """
+
+    def __init__(self, run_dir: str, project: str, name: str, config: dict):
+        self.wandb = require_wandb()
+        self.run_dir, self.project, self.name, self.config = run_dir, project, name, config
+        self.run = None
+
+    def log(self, record: dict) -> None:
+        if self.run is None:
+            id_file = os.path.join(self.run_dir, "wandb_id")
+            run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:12]
+            self.run = self.wandb.init(project=self.project, name=self.name, id=run_id, resume="allow",
+                                       config=self.config, dir=self.run_dir)
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+        data = _numbers(record)
+        if record.get("samples"):
+            rows = [[s["prompt"], s["completion"]] for s in record["samples"]]
+            data["samples"] = self.wandb.Table(columns=["prompt", "completion"], data=rows)
+        self.run.log(data, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
 class MetricsLog:
     """Appends JSON lines; the file survives resumes (a resumed run continues the same file).
 
     With `tensorboard_dir`, every numeric field of each record also goes to TensorBoard as a scalar at
-    global step `step`; a resume hides the events logged after its checkpoint (purge_step), as it
-    truncates the JSON lines.
+    global step `step` (eval samples as text); a resume hides the events logged after its checkpoint
+    (purge_step), as it truncates the JSON lines. With `wandb` (a WandbSink) the same goes to W&B.
     """
 
-    def __init__(self, path: str, tensorboard_dir: str | None = None):
+    def __init__(self, path: str, tensorboard_dir: str | None = None, wandb: WandbSink | None = None):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.tensorboard_dir = tensorboard_dir
         self._writer_cls = require_tensorboard() if tensorboard_dir else None
         self._writer = None
         self._purge_step = None
+        self.wandb = wandb
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer_cls is not None:
             self._tensorboard(record)
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def _tensorboard(self, record: dict) -> None:
         if self._writer is None:  # created lazily: purge_step is known only after resume
             self._writer = self._writer_cls(self.tensorboard_dir, purge_step=self._purge_step)
         step = record.get("step")
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._writer.add_scalar(k, v, global_step=step)
+        for k, v in _numbers(record).items():
+            self._writer.add_scalar(k, v, global_step=step)
+        if record.get("samples"):  # markdown: the prompt in bold, then what the model wrote
+            text = "\n\n".join(f"**{s['prompt']}**{s['completion']}" for s in record["samples"])
+            self._writer.add_text("samples", text, global_step=step)
         self._writer.flush()  # one flush per logged step: the event file is complete for readers
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.wandb is not None:
+            self.wandb.close()
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run re-logs the steps after its checkpoint)."""

@@ -31,7 +31,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """num_threads: the backend's threads for this call (None: its default); tokenizing workers use 1."""
         raise NotImplementedError
 
     def decode(self, ids) -> str:
@@ -61,8 +62,11 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{model_file}: sentencepiece model has no EOS piece; retrain it with eos_id set")
         self.num_threads = min(4, os.cpu_count() or 1)
 
-    def encode_batch(self, texts):
-        return self.sp.encode(list(texts), num_threads=self.num_threads)
+    def __reduce__(self):  # a copy for a tokenizing worker process: reload the model file there
+        return SentencePieceTokenizer, (self.model_file, self.name_or_path)
+
+    def encode_batch(self, texts, num_threads=None):
+        return self.sp.encode(list(texts), num_threads=num_threads or self.num_threads)
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
@@ -97,7 +101,10 @@ class HFTokenizer(Tokenizer):
         if self.eos_id is None:
             raise ValueError(f"tokenizer {spec!r} has no eos_token; qapollo needs one to separate documents")
 
-    def encode_batch(self, texts):
+    def __reduce__(self):  # a copy for a tokenizing worker process: reload it there
+        return HFTokenizer, (self.name_or_path,)
+
+    def encode_batch(self, texts, num_threads=None):  # the fast tokenizer's threads: TOKENIZERS_PARALLELISM
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]
 
     def decode(self, ids):

@@ -16,7 +16,7 @@ from .guard import SpikeGuard
 from .layerwise import LayerwiseOptimizer
 from .loss import causal_lm_loss
 from .hf_import import load_weights, resolve_init_from
-from .metrics import MetricsLog, NullMetrics, peak_mem_bytes, require_tensorboard, rss_bytes
+from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require_tensorboard, require_wandb, rss_bytes
 from .model import build_model, count_params, enable_activation_checkpointing
 
 
@@ -52,12 +52,14 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         from . import checkpoint
-        from .data import build_data, check_vocab
+        from .data import build_data, check_vocab, repeat_note
         from .tokenizer import load_tokenizer
 
         cfg, t = self.cfg, self.cfg.train
         if t.tensorboard:
             require_tensorboard()  # fail before anything is built
+        if t.wandb:
+            require_wandb()
         init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
         self._plan_memory()
         self._note_lr()
@@ -75,6 +77,9 @@ class Trainer:
                                    world_size=self.dist.world)
         if cfg.eval.every > 0:
             self.data.check_eval_tokens()
+        note = repeat_note(self.data.info, t.batch_size * t.seq_len * t.grad_accum_steps * self.dist.world, t.max_steps)
+        if note:
+            self._say(note)
         self.dist.check_same({**flat_dict(cfg), "resume": cfg.resume, "data cache key": self.data.train.key,
                               "train tokens": self.data.info["n_train_tokens"], "torch": torch.__version__})
         self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
@@ -87,9 +92,10 @@ class Trainer:
                                       stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode,
                                       reducer=self.dist.grad_averager(), grad_accum_steps=t.grad_accum_steps)
         self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
+        wandb = WandbSink(self.run_dir, t.wandb_project, t.run_name, cfg.to_dict()) if t.wandb else None
         self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
-                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None) \
-            if self.dist.is_main else NullMetrics()
+                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None,
+                                  wandb=wandb) if self.dist.is_main else NullMetrics()
         checkpoint.resume(self, resume_from)
         self._check_replicas(self.opt.step_count)  # same seed, same checkpoint: identical from the start
 
@@ -177,6 +183,13 @@ class Trainer:
         loss = total / max(1, count)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
+    def samples(self) -> list[dict]:
+        """Greedy continuations of eval.sample_prompts (generate.py): what the model writes at this step."""
+        from .generate import generate
+        e = self.cfg.eval
+        return [{k: r[k] for k in ("prompt", "completion")}
+                for r in (generate(self.model, self.data.tokenizer, p, e.sample_tokens) for p in e.sample_prompts)]
+
     def _guarded_step(self) -> float | None:
         """train_step with the state marked dirty until it completes: a half-applied step is never saved."""
         self.dirty_step = self.opt.step_count + 1
@@ -237,6 +250,8 @@ class Trainer:
                           "rss_bytes": rss_bytes(), "skips": self.guard.skips}
                 if self._eval_due(step):
                     record.update(self.evaluate())
+                    if self.cfg.eval.sample_prompts and self.dist.is_main:
+                        record["samples"] = self.samples()
                     self.last_eval = record
                 self.metrics.write(record)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",

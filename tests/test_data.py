@@ -223,3 +223,68 @@ def test_train_tokenizer_cli(tmp_path, txt):
     d = build_data(cfg(tmp_path, path=str(txt), tokenizer=str(out)), seq_len=16, batch_size=2, eval_tokens=16)
     assert d.tokenizer.vocab_size == 320 and int(next(d.train).max()) < 320
     assert np.dtype(json.load(open(os.path.join(d.info["cache_dir"], "meta.json")))["dtype"]) == np.uint16
+
+
+def test_cache_is_identical_for_any_num_proc(tmp_path, monkeypatch, tok):
+    """Several workers encode chunks of documents; the file must not depend on how many (nor the cap's cut)."""
+    import qapollo.pretokenize as pt
+    monkeypatch.setattr(pt, "CHUNK_CHARS", 700)  # ~11 chunks of PARAS per file: the pool really runs
+    _write_formats(tmp_path)
+    path = f"{tmp_path}/a.jsonl,{tmp_path}/c.txt.xz"
+    n_tokens = 2 * sum(len(tok.encode(p)) + 2 for p in PARAS)
+
+    def cache(num_proc, max_tokens=None):
+        c = cfg(tmp_path, path=path, num_proc=num_proc, max_tokens=max_tokens,
+                cache_dir=str(tmp_path / f"cache{num_proc}-{max_tokens}"))
+        d = build_data(c, seq_len=16, batch_size=2, seed=0, eval_tokens=16)
+        meta = json.load(open(os.path.join(d.info["cache_dir"], "meta.json")))
+        return open(os.path.join(d.info["cache_dir"], "train.bin"), "rb").read(), {k: v for k, v in meta.items()
+                                                                                   if k != "build_s"}
+
+    one, meta1 = cache(1)
+    assert meta1["n_train"] == n_tokens
+    for n in (2, 3):
+        assert cache(n) == (one, meta1)
+    cut, meta_cut = cache(3, max_tokens=n_tokens // 2 + 5)  # stops inside a chunk, workers still busy
+    assert meta_cut["n_train"] == n_tokens // 2 + 5 and cut == one[: len(cut)]
+    with pytest.raises(Exception, match="num_proc"):
+        from qapollo.config import load_config
+        load_config(None, ["data.num_proc=0"])
+
+
+def test_workers_end_when_max_tokens_cuts_the_build_short(tmp_path):
+    """A pool stopped early must end its workers even when they inherited a flag-only SIGTERM handler (what
+    Trainer.fit installs): else a worker blocked writing a large result to its pipe never exits."""
+    import multiprocessing
+    import signal
+    big = tmp_path / "big.txt"
+    big.write_text(("\n\n".join(PARAS) + "\n\n") * 600)  # ~4 chunks of 1 MiB: ~0.5 MB of tokens per result
+    caught = []
+
+    def hung(*_):
+        for p in multiprocessing.active_children():  # fail, rather than hang the suite on the stuck worker
+            p.kill()
+        pytest.fail("the capped build did not finish: a worker outlived Pool.terminate()")  # not an OSError:
+        # multiprocessing's waitpid loop would swallow a TimeoutError
+    old_term, old_alarm = signal.signal(signal.SIGTERM, lambda *_: caught.append(1)), signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        d = build_data(cfg(tmp_path, path=str(big), num_proc=2, max_tokens=5000), seq_len=16, batch_size=2,
+                       eval_tokens=16)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(signal.SIGTERM, old_term)
+    assert d.info["n_train_tokens"] + d.info["n_val_tokens"] == 5000 and not caught
+
+
+def test_repeat_note_names_the_passes():
+    from qapollo.data import repeat_note
+    shipped = {"sources": [{"source": "default corpus", "weight": 1.0, "n_train_tokens": 4_183_000}]}
+    note = repeat_note(shipped, 32_768, 150_000)  # the 7B recipe on the shipped corpus
+    assert "150,000 steps × 32,768 tokens = 4.92B tokens" in note and "4.18M train tokens" in note
+    assert "about 1,175 times" in note and "data.path" in note and "data.dataset" in note
+    assert repeat_note(shipped, 32_768, 510) is None  # 4.0 passes: fine
+    mix = {"sources": [{"source": "files big", "weight": 0.9, "n_train_tokens": 10**9},
+                       {"source": "files small", "weight": 0.1, "n_train_tokens": 10**6}]}
+    assert "files small (weight 0.1 of the mixture) about 492 times" in repeat_note(mix, 32_768, 150_000)
