@@ -1,6 +1,6 @@
 """Tokenizing a large local corpus into the token cache: tokens/s per core and peak RSS at several sizes.
 
-    python benchmarks/tokenize.py [--sizes 256MB,1GB] [--num-proc 1,2] [--dir /tmp/qapollo-tokbench] [--keep]
+    python benchmarks/tokenizing.py [--sizes 256MB,1GB] [--num-proc 1,2] [--dir /tmp/qapollo-tokbench] [--keep]
 
 The corpus is generated (not committed): the shipped training text (14.7M characters), its paragraphs
 shuffled with a new seed for every 64 MB file, as many files as the largest size needs; a size S uses
@@ -11,19 +11,14 @@ and, separately, the largest worker (encodes chunks). One JSON line per build, t
 import os
 import sys
 
-# `python benchmarks/tokenize.py` puts benchmarks/ first on sys.path, where this file would shadow the standard
-# library's `tokenize` (imported by linecache, inspect, traceback, torch...): take that entry out first.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import json  # noqa: E402
-import lzma  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import argparse
+import glob
+import json
+import lzma
+import resource
+import shutil
+import subprocess
+import time
 
 ROOT = __file__.rsplit("/benchmarks/", 1)[0]
 sys.path.insert(0, ROOT)
