@@ -79,6 +79,10 @@ class Int8Linear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight_codes.device
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         deq = fused.dequantize if self.fused else quant.dequantize_chunked
         return deq(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
@@ -115,6 +119,31 @@ class Int8Linear(nn.Module):
             self.slice_hook(self, src)
         else:
             self.receive_grad(src.full())
+
+    # ---- in-place updates W ← round((W + coef⊙G)·decay) (the optimizer computes coef; optim/updaters.py) ----
+    # `noise` = (seed, key): the rounding noise is a function of (seed, tensor, step, element), so it is
+    # reproducible, order- and device-independent and needs nothing saved for resume (quant.sr_bits).
+    # `keep` (a device bool) leaves codes, scales and zeros as they were (a non-finite gradient).
+    def add_update_(self, grad, coef, decay=None, *, stochastic: bool, noise: tuple[int, str],
+                    count_changes: bool = False, keep=None) -> int:
+        """The whole matrix: the compiled kernel or the eager row-chunk reference (model.fused_update)."""
+        update = fused.update_quantized_ if self.fused else quant.update_quantized_
+        return update(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, grad, coef, decay,
+                      stochastic=stochastic, seed=tensor_seed(*noise), count_changes=count_changes, keep=keep)
+
+    def add_rows_(self, rows, values, coef, *, stochastic: bool, noise: tuple[int, str], count_changes: bool = False,
+                  keep=None) -> int:
+        """Only `rows` (distinct, their gradient `values`): the int8 embedding's sparse update."""
+        return quant.update_rows_(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, rows,
+                                  values, coef, stochastic=stochastic, seed=tensor_seed(*noise),
+                                  count_changes=count_changes, keep=keep)
+
+    def add_slice_(self, sl: slice, grad, coef, *, stochastic: bool, noise: tuple[int, str],
+                   count_changes: bool = False, keep=None) -> int:
+        """Rows `sl` (whole groups): one slice of the int8 lm_head, with the noise the whole matrix would get."""
+        return quant.update_quantized_(*self.row_block(sl.start, sl.stop), self.group_size, grad, coef, None,
+                                       stochastic=stochastic, seed=tensor_seed(*noise), count_changes=count_changes,
+                                       keep=keep, offset=sl.start * self.in_features)
 
     def row_block(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scales, zeros) of rows v0:v1 (views); needs in_features % group_size == 0 (whole groups)."""

@@ -28,11 +28,11 @@ def hit(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install(trainer) -> None:
-    """Wrap the optimizer's bookkeeping so that the `step` and `backward` points fire (only when set)."""
+def install(opt) -> None:
+    """Wrap the optimizer's bookkeeping (layerwise.LayerwiseOptimizer) so that the `step` and `backward`
+    points fire (only when set)."""
     if not SPEC.startswith(("step@", "backward@")):
         return
-    opt = trainer.opt
     begin, calls = opt.begin_step, {}
 
     def begin_step(*args, **kwargs):

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from qapollo.config import load_config, stable_lrs
+from qapollo.config import load_config
+from qapollo.optim.schedule import stable_lrs
 from tests.helpers import ROOT
 
 PRETRAIN = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
