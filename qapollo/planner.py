@@ -118,7 +118,7 @@ def float_optimizer_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[
         blocks = -(-n // BNB_BLOCK)
         state = 2 * n + 2 * 4 * blocks
         # CUDA: one fused kernel. CPU: both states dequantized to fp32, an fp32 grad copy, sqrt and the
-        # denominator (20 bytes/element measured), for one row chunk at a time
+        # denominator (20 bytes/element; BENCHMARKS.md), for one row chunk at a time
         transient = 0 if device_type == "cuda" else 20 * min(n, FLOAT_CHUNK_ELEMS)
         return state, transient
     # torch AdamW: exp_avg and exp_avg_sq like the param; sqrt and denominator temporaries (per chunk)

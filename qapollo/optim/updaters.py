@@ -239,7 +239,7 @@ class TorchAdamUpdater:
             p.grad = None
             return 0
         for sl, view, opt in self.chunks:
-            # the startup guard compares chunk by chunk (a whole-tensor copy was 1.4 GB at 7B)
+            # the startup guard compares chunk by chunk (a whole-tensor copy: BENCHMARKS.md, GPU section)
             before = view.detach().clone() if count_changes else None
             view.grad = grad if view is p else grad[sl]
             opt.param_groups[0]["lr"] = lr
