@@ -171,10 +171,7 @@ class Trainer:
 
     def _adopt_accumulation(self, ckpt: str, record: dict) -> None:
         """Resuming with other accumulation settings than the checkpoint's (layerwise.adopt_accumulation)."""
-        now, then = self.opt.accumulation(self.tokens_per_step), record.get("accumulation")
-        if then is None:  # written before the record was kept: its config says how it accumulated
-            saved = checkpoint.read_config(ckpt).train
-            then = {"accum_mode": saved.accum_mode, "grad_accum_steps": saved.grad_accum_steps, "tokens_per_step": None}
+        now, then = self.opt.accumulation(self.tokens_per_step), checkpoint.saved_accumulation(ckpt, record)
         if self.opt.adopt_accumulation(then, now):
             same_tokens = then["tokens_per_step"] == now["tokens_per_step"]
             checkpoint.say(

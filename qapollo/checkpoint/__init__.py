@@ -27,7 +27,7 @@ Modules: files (the format, safetensors writer), saving, validation, loading.
 """
 from .files import (CKPT_RE, SCHEMA, CheckpointError, DiskSpaceError, IncompatibleCheckpoint,  # noqa: F401
                     file_crc32, list_checkpoints, open_safetensors, say, tensor_items, write_safetensors)
-from .loading import LOAD_BATCH_BYTES, first_valid, load, load_model_tensors, load_rng  # noqa: F401
+from .loading import LOAD_BATCH_BYTES, first_valid, load, load_model_tensors, load_rng, saved_accumulation  # noqa: F401
 from .saving import check_disk_space, check_output_dir, checkpoint_bytes, save, versions  # noqa: F401
 from .validation import (candidates, check_compatible, check_files, check_tensor, files_ok,  # noqa: F401
                          find_checkpoint, is_checkpoint_dir, read_config, read_state, resume_candidates, resume_target,

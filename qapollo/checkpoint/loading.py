@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .files import CheckpointError, IncompatibleCheckpoint, open_safetensors, say
-from .validation import validate
+from .validation import read_config, validate
 
 
 def first_valid(ckpts: list[str], cfg, model_state: dict, optimizer_spec: dict) -> tuple[str, dict] | None:
@@ -60,6 +60,15 @@ def load(ckpt: str, model) -> tuple[dict[str, torch.Tensor], dict]:
     optimizer_state = read_optimizer(os.path.join(ckpt, "optimizer.safetensors"))
     load_rng(os.path.join(ckpt, "rng_state.safetensors"))
     return optimizer_state
+
+
+def saved_accumulation(ckpt: str, record: dict) -> dict:
+    """The accumulation the checkpoint's optimizer state was measured with (its trainer_state.json record);
+    for checkpoints written before the record was kept, from its config, with tokens_per_step None."""
+    if record.get("accumulation") is not None:
+        return record["accumulation"]
+    saved = read_config(ckpt).train
+    return {"accum_mode": saved.accum_mode, "grad_accum_steps": saved.grad_accum_steps, "tokens_per_step": None}
 
 
 def read_optimizer(path: str) -> tuple[dict[str, torch.Tensor], dict]:
