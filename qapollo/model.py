@@ -246,7 +246,9 @@ def matrix_names(model: nn.Module) -> set[str]:
     return out
 
 
-def _replace_projections(model: nn.Module, mcfg, device) -> None:
+def _replace_projections(model: nn.Module, mcfg, device, fill=None) -> None:
+    """Every attention/MLP projection becomes an Int8Linear; `fill(linear)` gives the float rows to round
+    into it (None: left for the caller to initialise)."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in PROJ_NAMES:
@@ -254,7 +256,26 @@ def _replace_projections(model: nn.Module, mcfg, device) -> None:
                 if lin is None:
                     continue
                 q = Int8Linear(lin.in_features, lin.out_features, mcfg.group_size, device)
+                if fill is not None:
+                    q.quantize_from_(fill(lin))
                 setattr(parent, name, q)
+
+
+@torch.no_grad()
+def quantize_(model: LlamaForCausalLM, mcfg) -> LlamaForCausalLM:
+    """A transformers LlamaForCausalLM (built, or from `from_pretrained`) made int8 in place: every projection
+    rounded to nearest into an Int8Linear, row chunk by row chunk, as model.init_from does; the float
+    tensors (embeddings, norms, lm_head) stay in their dtype, the norms in fp32 when that is lower."""
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return model  # already int8
+    device = model.model.embed_tokens.weight.device
+    _replace_projections(model, mcfg, device, fill=lambda lin: (lambda rows: lin.weight[rows]))
+    use_fused = fused.resolve(mcfg.fused_update, device)
+    for name, mod in int8_modules(model):
+        mod.param_name, mod.fused = name, use_fused
+    if model.model.embed_tokens.weight.dtype != torch.float32:
+        _keep_norms_fp32(model)
+    return model
 
 
 def _make_head_int8(model: nn.Module, mcfg, dtype: torch.dtype) -> None:
