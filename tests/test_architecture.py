@@ -183,3 +183,21 @@ def test_docs_architecture_lists_every_arrow():
         drawn[m.group(1)] = {x.strip() for x in m.group(2).split(",")}
     code = {u: targets for u, targets in graph()[0].items() if targets}
     assert drawn == code
+
+
+def test_every_error_of_qapollo_derives_from_the_one_base_class():
+    """The CLI catches QapolloError once (cli.py): every exception class qapollo defines must derive from it."""
+    import importlib
+    import inspect
+
+    from qapollo.errors import QapolloError
+    found = []
+    for _, pkg, path in source_files():
+        if not pkg:
+            continue
+        name = os.path.splitext(os.path.basename(path))[0]
+        mod = importlib.import_module(pkg if name == "__init__" else f"{pkg}.{name}")
+        found += [c for _, c in inspect.getmembers(mod, inspect.isclass)
+                  if issubclass(c, BaseException) and c.__module__ == mod.__name__]
+    assert len(found) >= 15
+    assert [c.__qualname__ for c in found if not issubclass(c, QapolloError)] == []
