@@ -34,9 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qapollo.config import load_config  # noqa: E402
-from qapollo.layerwise import LayerwiseOptimizer  # noqa: E402
-from qapollo.loss import causal_lm_loss  # noqa: E402
-from qapollo.model import build_model, matrix_names  # noqa: E402
+from qapollo.engine import build, micro_batch  # noqa: E402
+from qapollo.model import matrix_names  # noqa: E402
 from qapollo.optim import apollo  # noqa: E402
 from qapollo.tokenizer import load_tokenizer  # noqa: E402
 
@@ -58,17 +57,12 @@ class Stream:
         return torch.stack([self.ids[s:s + T] for s in starts])
 
 
-def build(mode: str, limiter: float):
+def build_run(mode: str, limiter: float):
     cfg = load_config("configs/llama_20m.yaml", [
         "model.num_hidden_layers=2", "model.weight_quant=false", "optim.lr=3e-3", f"optim.warmup_steps={WARMUP}",
-        f"optim.norm_growth_limit={limiter}", f"train.max_steps={STEPS}"])
-    model = build_model(cfg.model, "cpu", seed=0)
-    model.train()
-    try:
-        opt = LayerwiseOptimizer(model, cfg.optim, STEPS, seed=0, accum_mode=mode, grad_accum_steps=K)
-    except TypeError:  # before the accumulation fixes (no grad_accum_steps): the same script measures "before"
-        opt = LayerwiseOptimizer(model, cfg.optim, STEPS, seed=0, accum_mode=mode)
-    return model, opt
+        f"optim.norm_growth_limit={limiter}", f"train.max_steps={STEPS}", "train.seed=0", f"train.accum_mode={mode}",
+        f"train.grad_accum_steps={K}"])
+    return build(cfg, "cpu")
 
 
 def matrices(model) -> dict[str, torch.Tensor]:
@@ -81,9 +75,7 @@ def step(model, opt, stream: Stream, s: int, skip=(), same: bool = False) -> Non
     all K micro-batches are the step's first (their mean is then the same whatever is skipped)."""
     used = [i for i in range(K) if i not in skip]
     for i in used:
-        opt.begin_step(last_micro=i == K - 1)
-        (causal_lm_loss(model, stream.batch(s * K + (0 if same else i))) / K).backward()
-        opt.after_backward()
+        micro_batch(model, opt, stream.batch(s * K + (0 if same else i)), last=i == K - 1, accum=K)
     if used:
         opt.end_step()
     else:
@@ -108,7 +100,7 @@ def ratio(a: dict[str, float], b: dict[str, float]) -> dict:
 def first(stream) -> dict:
     out = {}
     for lim in (1.01, 0.0):
-        runs = {mode: measured_step(*build(mode, lim), stream, 0) for mode in ("exact", "lagged")}
+        runs = {mode: measured_step(*build_run(mode, lim), stream, 0) for mode in ("exact", "lagged")}
         out[f"limiter {lim}"] = ratio(runs["lagged"], runs["exact"])
     return out
 
@@ -116,20 +108,15 @@ def first(stream) -> dict:
 def resume(stream) -> dict:
     """Exact for 5 steps, then one step in each mode from that same state (as a resume from an exact
     checkpoint into lagged mode: no lagged step size)."""
-    model, opt = build("exact", 1.01)
+    model, opt = build_run("exact", 1.01)
     for s in range(5):
         step(model, opt, stream, s)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    lagged_model, lagged_opt = build("lagged", 1.01)
+    lagged_model, lagged_opt = build_run("lagged", 1.01)
     lagged_model.load_state_dict(state)
-    for name, u in opt.updaters.items():  # the exact run's optimizer state, as a checkpoint would carry it
-        if hasattr(u, "state"):
-            apollo.load_state_tensors(lagged_opt.updaters[name].state, apollo.state_tensors(u.state))
-        else:
-            lagged_opt.updaters[name].load_state_dict(*u.state_dict())
+    lagged_opt.load_state_dict(*opt.state_dict())  # the exact run's optimizer state, as a checkpoint carries it
     lagged_opt.step_count = opt.step_count
-    if hasattr(lagged_opt, "forget_accumulation"):
-        lagged_opt.forget_accumulation(reference=False)
+    lagged_opt.adopt_accumulation(opt.accumulation(0), lagged_opt.accumulation(0))  # exact → lagged: no step size
     return ratio(measured_step(lagged_model, lagged_opt, stream, 5), measured_step(model, opt, stream, 5))
 
 
@@ -143,7 +130,7 @@ def skip(stream) -> dict:
     for same in (True, False):
         for lim in (1.01, 0.0):
             for mode in ("exact", "lagged"):
-                runs = [build(mode, lim) for _ in range(2)]
+                runs = [build_run(mode, lim) for _ in range(2)]
                 for s in range(15):
                     for i, (model, opt) in enumerate(runs):
                         step(model, opt, stream, s, range(1, K) if s == 14 and i == 0 else (), same=same)
@@ -170,7 +157,7 @@ def limiter(stream) -> dict:
     norms, cuts = {}, {}
     try:
         for mode in ("exact", "lagged"):
-            model, opt = build(mode, 1.01)
+            model, opt = build_run(mode, 1.01)
             norms[mode] = []
             for s in range(STEPS):
                 if s == WARMUP:

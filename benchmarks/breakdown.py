@@ -83,17 +83,17 @@ class Clock:
 
 def instrument(clock: Clock, model, opt) -> None:
     """Wrap the optimizer hooks, APOLLO's multiplier, the int8 and float updates and dequantize."""
-    from qapollo.layerwise import ApolloUpdater, TorchAdamUpdater
-    from qapollo.model import Int8Linear
+    from qapollo.model import Int8Linear, int8_modules
     from qapollo.optim import apollo
+    from qapollo.optim.updaters import TorchAdamUpdater
     opt._run = clock.wrap(opt._run, "optimizer")
     apollo.apollo_multiplier = clock.wrap(apollo.apollo_multiplier, "apollo")
     if hasattr(apollo, "lagged_multiplier"):  # train.accum_mode=lagged
         apollo.lagged_multiplier = clock.wrap(apollo.lagged_multiplier, "apollo")
+    for _, m in int8_modules(model):  # the int8 update is the module's own (model.Int8Linear.add_update_)
+        m.add_update_ = clock.wrap(m.add_update_, "int8_update")
     for u in opt.updaters.values():
-        if isinstance(u, ApolloUpdater):
-            u._update_int8 = clock.wrap(u._update_int8, "int8_update")
-        elif isinstance(u, TorchAdamUpdater):
+        if isinstance(u, TorchAdamUpdater):
             u.step = clock.wrap(u.step, "float_update")
     Int8Linear.dequantized = clock.wrap(Int8Linear.dequantized, "dequant")
 
@@ -115,20 +115,18 @@ def main(argv=None) -> int:
     from memory import PEAK_FLOPS, flops_per_token  # benchmarks/memory.py
     from qapollo import loss as qloss
     from qapollo.config import load_config
-    from qapollo.layerwise import LayerwiseOptimizer, UpdateCheckError
-    from qapollo.memory import predict_peak
+    from qapollo.engine import build
+    from qapollo.layerwise import UpdateCheckError
     from qapollo.metrics import peak_rss_bytes
-    from qapollo.model import build_model, enable_activation_checkpointing, int8_modules
+    from qapollo.model import int8_modules
+    from qapollo.planner import predict_peak
 
     dev = torch.device("cuda" if cuda else "cpu")
     cfg = load_config(args.config, args.overrides + [f"train.device={dev.type}"])
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    model = build_model(cfg.model, dev, seed=cfg.train.seed)
-    model.train()
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, max(cfg.train.max_steps, 2 * args.steps + 2), seed=cfg.train.seed,
-                             stochastic_round=cfg.model.stochastic_round)
+    cfg.train.max_steps = max(cfg.train.max_steps, 2 * args.steps + 2)
+    cfg.train.grad_accum_steps = 1  # one micro-batch per step: the phases timed below
+    model, opt = build(cfg, dev)
     mods = int8_modules(model)
     rec = {"label": args.label, "config": args.config, "overrides": args.overrides, "device": dev.type,
            "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,

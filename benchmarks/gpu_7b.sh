@@ -54,7 +54,8 @@ run() {  # label, overrides...: breakdown.py under a timeout; its JSON line (or 
 fits() {  # label: 1 if its peak (CUDA: reserved + context; CPU: peak RSS) is under the budget
   $PY - "$W/$1.out" "$BUDGET" <<'PY'
 import json, sys
-from qapollo.memory import CUDA_CONTEXT_BYTES, parse_bytes
+from qapollo.plan import parse_bytes
+from qapollo.planner import CUDA_CONTEXT_BYTES
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 cuda = r["device"] == "cuda"
 m = max(r["max_memory_reserved"], r["first_step_max_memory_reserved"]) + CUDA_CONTEXT_BYTES if cuda else r["peak_rss_bytes"]
@@ -86,7 +87,8 @@ run seq256_bs1_ref train.seq_len=256 train.batch_size=1 model.fused_update=false
 bs=$($PY - "$CONFIG" "$BUDGET" "$DEVICE" <<'PY'
 import sys
 from qapollo.config import load_config
-from qapollo.memory import parse_bytes, predict_peak
+from qapollo.plan import parse_bytes
+from qapollo.planner import predict_peak
 path, budget, dev = sys.argv[1], parse_bytes(sys.argv[2]), sys.argv[3]
 best = 1
 for b in range(1, 257):

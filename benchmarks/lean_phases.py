@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     import torch
     from qapollo.config import load_config
-    from qapollo.layerwise import ApolloUpdater, LayerwiseOptimizer
-    from qapollo.loss import causal_lm_loss
-    from qapollo.memory import LiveTensorCounter, predict_peak, resident_tensor_bytes
-    from qapollo.model import build_model, enable_activation_checkpointing
+    from qapollo.engine import build, micro_batch
+    from qapollo.meter import LiveTensorCounter, resident_tensor_bytes
+    from qapollo.optim.updaters import ApolloUpdater
+    from qapollo.planner import predict_peak
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=2)
@@ -34,12 +34,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     plan = predict_peak(cfg, "cpu")
-    model = build_model(cfg.model, "cpu", seed=0)
-    model.train()
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, cfg.train.max_steps, seed=0, accum_mode=cfg.train.accum_mode,
-                             grad_accum_steps=cfg.train.grad_accum_steps)
+    cfg.train.seed = 0
+    model, opt = build(cfg, "cpu")
     meter: dict = {}
     phase_peak: dict[str, int] = {}
 
@@ -62,19 +58,13 @@ def main(argv=None) -> int:
     rows = []
     for i in range(args.steps):
         check = i == 0 and cfg.train.check_updates
-        states = [u.state for u in opt.updaters.values() if isinstance(u, ApolloUpdater)]
-        states += [list(u.state_dict()[0].values()) for u in opt.updaters.values() if hasattr(u, "chunks")]
-        meter["base"] = resident_tensor_bytes(model, states)
+        meter["base"] = resident_tensor_bytes(model, opt.resident_tensors())
         gc.collect()
         x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
         t0 = time.perf_counter()
         with LiveTensorCounter() as c:
             meter["c"] = c
-            opt.begin_step(check=check)
-            loss = causal_lm_loss(model, x)
-            loss.backward()
-            del loss
-            opt.after_backward()
+            micro_batch(model, opt, x, check=check)
             opt.end_step(check=check)
         rows.append({"step": i + 1, "measured_peak_bytes": meter["base"] + c.peak, "head_bytes": phase_peak.pop("head", 0),
                      "embed_bytes": phase_peak.pop("embed", 0), "wall_s": round(time.perf_counter() - t0, 1)})

@@ -7,7 +7,7 @@
         train.grad_accum_steps=4 train.accum_mode=lagged             # K micro-batches per optimizer step
 
 CUDA: peak torch.cuda.max_memory_allocated / max_memory_reserved / num_alloc_retries, step time,
-tokens/s, MFU. CPU: peak RSS and peak live tensor bytes (qapollo.memory.LiveTensorCounter, the
+tokens/s, MFU. CPU: peak RSS and peak live tensor bytes (qapollo.meter.LiveTensorCounter, the
 GPU-equivalent figure; --no-counter skips it, it slows small ops). The planner's prediction sits beside
 the measurement. Batches are random tokens (memory and speed do not depend on their values). The step is
 the trainer's: same model build, checkpointing, in-backward optimizer and loss (--loss hf for HF's).
@@ -32,7 +32,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 def flops_per_token(cfg) -> float:
     """Model FLOPs per trained token (6·params + attention), as in the PaLM/nanoGPT MFU."""
     m, t = cfg.model, cfg.train
-    from qapollo.memory import matrix_shapes
+    from qapollo.planner import matrix_shapes
     n = m.num_hidden_layers * sum(a * b for _, a, b in matrix_shapes(m)) + m.vocab_size * m.hidden_size
     return 6 * n + 12 * m.num_hidden_layers * m.hidden_size * t.seq_len
 
@@ -89,15 +89,16 @@ def main(argv=None) -> int:
     if want_cuda:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from qapollo.config import load_config
-    from qapollo.layerwise import LayerwiseOptimizer, UpdateCheckError
-    from qapollo.memory import LiveTensorCounter, predict_peak, resident_tensor_bytes
+    from qapollo.engine import build, micro_batch
+    from qapollo.layerwise import UpdateCheckError
+    from qapollo.meter import LiveTensorCounter, resident_tensor_bytes
     from qapollo.metrics import peak_rss_bytes
-    from qapollo.model import build_model, enable_activation_checkpointing
+    from qapollo.planner import predict_peak
     from qapollo import loss as qloss
 
     cfg = load_config(args.config, args.overrides + [f"train.device={'cuda' if want_cuda else 'cpu'}"])
     dev = torch.device("cuda" if want_cuda else "cpu")
-    chunked = {"trainer": qloss.loss_is_chunked(cfg), "hf": False, "chunked": True}[args.loss]
+    chunked = {"trainer": True, "hf": False, "chunked": True}[args.loss]  # the trainer's loss is the chunked one
     plan = predict_peak(cfg, dev.type, chunked_loss=chunked)
     rec = {"label": args.label, "config": args.config, "overrides": args.overrides, "device": dev.type,
            "device_name": torch.cuda.get_device_name(dev) if want_cuda else "cpu",
@@ -108,13 +109,8 @@ def main(argv=None) -> int:
            "predicted_peak_bytes": plan["peak_bytes"], "predicted_phase": plan["phase"],
            "predicted_persistent_bytes": plan["persistent_bytes"]}
     t0 = time.perf_counter()
-    model = build_model(cfg.model, dev, seed=cfg.train.seed)
-    model.train()
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, max(cfg.train.max_steps, args.steps), seed=cfg.train.seed,
-                             stochastic_round=cfg.model.stochastic_round, accum_mode=cfg.train.accum_mode,
-                             grad_accum_steps=cfg.train.grad_accum_steps)
+    cfg.train.max_steps = max(cfg.train.max_steps, args.steps)
+    model, opt = build(cfg, dev)
     rec["build_s"] = round(time.perf_counter() - t0, 2)
     gen = torch.Generator().manual_seed(0)
     B, T, K = cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps
@@ -122,14 +118,6 @@ def main(argv=None) -> int:
     if use_counter and any(m.fused for m in model.modules() if hasattr(m, "fused")):
         use_counter = False  # torch.compile refuses to run under a TorchDispatchMode such as the counter
         rec["live_counter"] = "off: compiled int8 kernels (model.fused_update) cannot run under it"
-
-    def states():
-        out = []
-        for u in opt.updaters.values():
-            out.append(getattr(u, "state", None))
-            if hasattr(u, "chunks"):
-                out.append(list(u.state_dict()[0].values()))
-        return out
 
     times, live_peaks = [], []
     timeline = Timeline(opt, dev, args.timeline) if (want_cuda and args.timeline) else None
@@ -140,7 +128,7 @@ def main(argv=None) -> int:
     for i in range(args.steps):
         check = i == 0 and cfg.train.check_updates
         counter = LiveTensorCounter() if use_counter else None
-        base = resident_tensor_bytes(model, states()) if use_counter else 0
+        base = resident_tensor_bytes(model, opt.resident_tensors()) if use_counter else 0
         gc.collect()
         if want_cuda:
             torch.cuda.reset_peak_memory_stats(dev)
@@ -155,14 +143,13 @@ def main(argv=None) -> int:
         try:
             for micro in range(K):  # the trainer's micro-batches: K backwards, one optimizer step
                 x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=gen).to(dev)
-                opt.begin_step(last_micro=micro == K - 1, check=check)
-                loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
-                loss_val = loss.item()
-                if timeline:
-                    timeline.mark(f"step{i + 1}.{micro}:forward")
-                (loss / K).backward()
-                del loss
-                opt.after_backward()
+
+                def loss_fn(model, x):
+                    loss = qloss.causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
+                    if timeline:
+                        timeline.mark(f"step{i + 1}.{micro}:forward")
+                    return loss
+                loss_val, _ = micro_batch(model, opt, x, last=micro == K - 1, accum=K, check=check, loss_fn=loss_fn)
             try:
                 opt.end_step(check=check)
             except UpdateCheckError as e:  # record it (bf16 norms may not move at warmup lr), go on

@@ -34,9 +34,7 @@ def main(argv=None) -> int:
 
     import torch
     from qapollo.config import load_config
-    from qapollo.layerwise import LayerwiseOptimizer
-    from qapollo.loss import causal_lm_loss
-    from qapollo.model import build_model
+    from qapollo.engine import build, optimizer_step
 
     common = [f"model.group_size={args.group}", f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", "model.activation_checkpointing=false",
               "train.device=cpu", "model.dtype=float32"]
@@ -47,21 +45,15 @@ def main(argv=None) -> int:
     runs = {}
     for name, over in methods.items():
         cfg = load_config(args.config, over)
-        model = build_model(cfg.model, "cpu", seed=0)
-        model.train()
-        opt = LayerwiseOptimizer(model, cfg.optim, 1000, seed=0, stochastic_round=cfg.model.stochastic_round)
-        runs[name] = (cfg, model, opt)
+        cfg.train.max_steps, cfg.train.seed = 1000, 0
+        runs[name] = (cfg, *build(cfg, "cpu"))
     gen = torch.Generator().manual_seed(0)
 
     def step(name):
         cfg, model, opt = runs[name]
         x = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq), generator=gen)
         t0 = time.perf_counter()
-        opt.begin_step()
-        loss = causal_lm_loss(model, x)
-        loss.item()
-        loss.backward()
-        opt.end_step()
+        optimizer_step(model, opt, [x])
         return time.perf_counter() - t0
 
     times = {n: [] for n in runs}

@@ -1,7 +1,7 @@
 """Command line: `qapollo train|plan|export|eval|tokenizer|plot …` (run_7b.py is `qapollo train` with the 7B config).
 
 Bad input ends with one line `error: …` naming the problem and the fix, and exit status 2, before anything
-is allocated or written where it can be checked up front. `--debug` (anywhere on the command line) re-raises
+is allocated or written where it can be checked up front: every such error derives from errors.QapolloError. `--debug` (anywhere on the command line) re-raises
 instead, with the traceback. Anything else (a bug) ends with its traceback.
 """
 from __future__ import annotations
@@ -11,21 +11,7 @@ import math
 import sys
 
 from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .evaluate import EvalError
-    from .export import ExportError
-    from .distributed import DistributedError
-    from .layerwise import UpdateCheckError
-    from .metrics import MetricsError
-    from .textfiles import DataError
-    from .train import TrainError
-    from .fused import FusedUnavailable
-    return (ConfigError, DistributedError, UpdateCheckError, TrainError, MetricsError, FusedUnavailable,
-            FileNotFoundError, DataError, CheckpointError, ExportError, EvalError)
+from .errors import QapolloError
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:
@@ -74,7 +60,7 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
             from .tokenizer import tokenizer_main
             return tokenizer_main(rest)
         if cmd == "plan":
-            from .memory import plan_main
+            from .plan import plan_main
             return plan_main(rest)
         if cmd == "export":
             from .export import export_main
@@ -88,7 +74,7 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
         if cmd == "plot":
             from .plot import plot_main
             return plot_main(rest)
-    except _user_errors() as e:
+    except QapolloError as e:  # every error a user can fix (errors.py); anything else is a bug
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -57,16 +57,6 @@ VAL_CAP = 1 << 20  # validation tokens cached (or eval_tokens if larger): enough
 REPEAT_NOTE = 4  # the trainer says so when a run would pass over its train tokens more often than this
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """The tokenizer and the model must agree on the vocabulary: an id >= model.vocab_size would index past
-    the embedding table, and a larger model vocabulary trains rows no token can ever reach."""
-    if tokenizer.vocab_size != model_vocab_size:
-        raise DataError(
-            f"tokenizer {tokenizer.name_or_path!r} has vocab_size {tokenizer.vocab_size} but model.vocab_size is "
-            f"{model_vocab_size}: set model.vocab_size={tokenizer.vocab_size} or use a tokenizer with "
-            f"{model_vocab_size} tokens")
-
-
 # ---------------------------------------------------------------------------------------------------
 # sources: what to read for each split, and the cache-key description of it
 

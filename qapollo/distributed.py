@@ -21,8 +21,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import QapolloError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(QapolloError, RuntimeError):
     """A multi-process run that cannot start or continue; the message says why and what to do."""
 
 

@@ -18,53 +18,15 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 
 import numpy as np
 import torch
 
-
-class EvalError(ValueError):
-    """Bad eval arguments; the message says what to change."""
-
-
-def load_checkpoint_model(spec: str, device: torch.device, dtype: str | None):
-    """(model, tokenizer spec, seq_len, checkpoint path) of a run dir or checkpoint-<step> dir."""
-    from .checkpoint import load_model_tensors, read_config
-    from .export import find_checkpoint
-    from .model import build_model
-    ckpt = find_checkpoint(spec)
-    cfg = read_config(ckpt)
-    if dtype:
-        cfg.model.dtype = dtype
-    model = build_model(cfg.model, device, init=False)
-    load_model_tensors(model, os.path.join(ckpt, "model.safetensors"))
-    tok_dir = os.path.join(ckpt, "tokenizer")
-    return model, tok_dir if os.path.isdir(tok_dir) else cfg.data.tokenizer, cfg.train.seq_len, ckpt
-
-
-def load_hf_model(path: str, device: torch.device, dtype: str | None, int8: bool, group_size: int,
-                  progress: bool):
-    """(model, tokenizer spec, seq_len) of an HF LLaMA folder: float via transformers, or int8 as init_from."""
-    from .config import Config
-    from .hf_import import apply_shape, check_tensors, check_tokenizer, load_weights, read_shape, scan_tensors
-    from .model import build_model, resolve_dtype
-    cfg = Config()
-    m = cfg.model
-    m.init_from, m.dtype, m.weight_quant, m.group_size = path, dtype or "auto", int8, group_size
-    cfg.train.seq_len = 2  # evaluate() checks its seq_len against the model's context
-    apply_shape(cfg, read_shape(path), f"{path}/config.json")
-    check_tokenizer(cfg, path)  # the folder's tokenizer, with the model's vocabulary
-    seq_len = min(cfg.model.max_position_embeddings, 2048)
-    if int8:
-        found = scan_tensors(path)
-        check_tensors(path, found, cfg.model)
-        model = build_model(cfg.model, device, init=False)
-        load_weights(model, found, progress)
-        return model, path, seq_len
-    from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype, device)).to(device)
-    return model, path, seq_len
+from .errors import EvalError
+from .harness import make_lm, require_lm_eval, task_manager
+from .inference import load_for_eval
 
 
 def token_stream(files: list[str], tok, text_field: str, max_tokens: int | None, progress: bool) -> np.ndarray:
@@ -80,26 +42,6 @@ def token_stream(files: list[str], tok, text_field: str, max_tokens: int | None,
         out = os.path.join(d, "tokens.bin")
         write_tokens(iter_file_documents(paths, text_field), tok, out, dtype, max_tokens, bar, default_num_proc())
         return np.fromfile(out, dtype=dtype)
-
-
-def load_for_eval(spec: str, device: str = "auto", dtype: str | None = None, int8: bool = False,
-                  group_size: int = 128, progress: bool = True):
-    """(model in eval mode, tokenizer, default seq_len, checkpoint path or None) of a run dir, a
-    checkpoint-<step> dir or an HF LLaMA folder: what `qapollo eval` and `qapollo generate` read."""
-    from .tokenizer import load_tokenizer
-    from .train import pick_device
-    dev = pick_device(device)
-    ckpt = None
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
-        model, tok_spec, default_len = load_hf_model(spec, dev, dtype, int8, group_size, progress)
-    elif os.path.isdir(spec):
-        if int8:
-            raise EvalError("--int8 is for Hugging Face folders: a checkpoint is evaluated as it was trained")
-        model, tok_spec, default_len, ckpt = load_checkpoint_model(spec, dev, dtype)
-    else:
-        raise EvalError(f"{spec}: no such run dir, checkpoint-<step> dir or Hugging Face model folder")
-    model.eval()
-    return model, load_tokenizer(tok_spec), default_len, ckpt
 
 
 @torch.no_grad()
@@ -166,9 +108,40 @@ def eval_main(argv: list[str]) -> int:
     if args.tasks is not None:
         if args.batch_size < 1 or (args.limit is not None and args.limit <= 0):
             raise EvalError("--batch-size must be >= 1 and --limit > 0")
-        from .harness import tasks_main
         return tasks_main(args)
     r = evaluate(args.model, args.data, args.seq_len, args.batch_size, args.max_tokens, args.text_field,
                  args.device, args.dtype, args.int8, args.group_size, progress=not args.no_progress)
     print(json.dumps(r))
+    return 0
+
+
+def run_tasks(spec: str, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
+              limit: float | None = None, batch_size: int = 8, device: str = "auto", dtype: str | None = None,
+              int8: bool = False, group_size: int = 128, seed: int = 0, output: str | None = None) -> dict:
+    """Score `spec` on lm-eval tasks; {"model", "checkpoint", "tasks": {task: {metric: value}}}."""
+    if not tasks:
+        raise EvalError("--tasks is empty: give task names, e.g. --tasks hellaswag,arc_easy,piqa")
+    if include_path and not os.path.isdir(include_path):
+        raise EvalError(f"--include-path {include_path}: no such folder (it holds your task YAML files)")
+    lm_eval = require_lm_eval()
+    tm = task_manager(tasks, include_path)  # before the model is loaded: a typo costs nothing
+    model, tok, seq_len, ckpt = load_for_eval(spec, device, dtype, int8, group_size, progress=False)
+    lm = make_lm(model, tok, model.config.max_position_embeddings, batch_size)
+    res = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                            task_manager=tm, log_samples=False, random_seed=seed,
+                                            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    if output:
+        with open(output, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    scores = {t: {k.removesuffix(",none"): v for k, v in r.items() if k != "alias"} for t, r in res["results"].items()}
+    return {"model": spec, "checkpoint": ckpt, "tasks": scores, "n_samples": res.get("n-samples"),
+            "num_fewshot": res.get("n-shot"), "limit": limit}
+
+
+def tasks_main(args) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    r = run_tasks(args.model, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size, args.device,
+                  args.dtype, args.int8, args.group_size, args.seed, args.output)
+    print(json.dumps(r))
+    sys.stdout.flush()
     return 0

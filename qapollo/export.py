@@ -22,10 +22,11 @@ import time
 import torch
 
 from . import checkpoint as ck
-from .checkpoint import CheckpointError
+from .checkpoint import find_checkpoint
+from .errors import QapolloError
 
 
-class ExportError(RuntimeError):
+class ExportError(QapolloError, RuntimeError):
     """Bad export arguments; the message says what to change."""
 
 
@@ -39,26 +40,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def find_checkpoint(spec: str) -> str:
-    """A checkpoint folder as given, or a run dir's newest intact one (falling back past broken ones)."""
-    if not os.path.isdir(spec):
-        raise CheckpointError(f"{spec}: no such checkpoint or run directory")
-    found = [spec] if ck.is_checkpoint_dir(spec) else ck.candidates(spec)
-    if not found:
-        raise CheckpointError(f"{spec}: holds no checkpoint-<step> folder; give checkpoints/<run> or "
-                              f"checkpoints/<run>/checkpoint-<step>")
-    for i, path in enumerate(found):
-        try:
-            ck.check_files(path, ck.read_state(path))
-            ck.read_config(path)
-            return path
-        except CheckpointError as e:
-            if i + 1 == len(found):
-                raise
-            ck.say(f"warning: {e}; falling back to {found[i + 1]}")
-    raise AssertionError("unreachable")
-
-
 def plan_tensors(cfg, f, path: str) -> list[tuple[str, tuple, torch.dtype, object]]:
     """(HF name, shape, bf16, producer) for every weight of the HF model, in its state_dict order (a tied
     lm_head is left out, as save_pretrained does)."""
@@ -70,15 +51,15 @@ def plan_tensors(cfg, f, path: str) -> list[tuple[str, tuple, torch.dtype, objec
         base = name[: -len(".weight")]
         if f"{base}.weight_codes" in keys:
             gs = cfg.model.group_size
-            ck._check_tensor(path, f, f"{base}.weight_codes", shape)
-            ck._check_tensor(path, f, f"{base}.weight_scale", (shape[0] * shape[1] // gs,))
-            ck._check_tensor(path, f, f"{base}.weight_zero", (shape[0] * shape[1] // gs,))
+            ck.check_tensor(path, f, f"{base}.weight_codes", shape)
+            ck.check_tensor(path, f, f"{base}.weight_scale", (shape[0] * shape[1] // gs,))
+            ck.check_tensor(path, f, f"{base}.weight_zero", (shape[0] * shape[1] // gs,))
 
             def get(base=base, gs=gs):
                 return quant.dequantize(f.get_tensor(f"{base}.weight_codes"), f.get_tensor(f"{base}.weight_scale"),
                                         f.get_tensor(f"{base}.weight_zero"), gs, torch.bfloat16)
         else:
-            ck._check_tensor(path, f, name, shape)
+            ck.check_tensor(path, f, name, shape)
 
             def get(name=name):
                 return f.get_tensor(name).to(torch.bfloat16)

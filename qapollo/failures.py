@@ -13,12 +13,15 @@ import sys
 
 import torch
 
+from .checkpoint import resume_target
 from .config import PRESET_8GB
+from .errors import QapolloError
+from .planner import fmt, predict_peak
 
 _OOM_TYPES = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
-class TrainError(RuntimeError):
+class TrainError(QapolloError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
@@ -31,22 +34,22 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-def on_step_failure(trainer, e: BaseException) -> BaseException:
-    """The exception that ends a run whose step raised `e` (returned `e` itself: re-raise it unchanged).
+def on_step_failure(e: BaseException, step: int, run_dir: str, cfg, device: torch.device,
+                    plan: dict | None = None) -> BaseException:
+    """The exception that ends a run whose step `step` raised `e` (returned `e` itself: re-raise it unchanged).
 
-    Out of memory becomes a one-line StepFailed. The trainer's own errors (TrainError, UpdateCheckError, e.g.
-    a non-finite loss or gradient) keep their type, so callers can still catch them, with the resume point
-    added to their message. Anything else is a bug: the same first part is printed, then its traceback.
+    Out of memory becomes a one-line StepFailed. Errors a user can fix (QapolloError, e.g. a non-finite
+    loss or gradient) keep their type, so callers can still catch them, with the resume point added to
+    their message. Anything else is a bug: the same first part is printed, then its traceback.
     """
-    from .layerwise import UpdateCheckError
     what, tail = _what(e), ""
     if is_out_of_memory(e):
-        tail = "; " + oom_advice(trainer)
-    msg = (f"step {trainer.dirty_step} did not complete ({what}); the weights and optimizer states in memory may "
-           f"be partly updated, so nothing was saved; {_resume_note(trainer)}{tail}")
+        tail = "; " + oom_advice(cfg, device, plan)
+    msg = (f"step {step} did not complete ({what}); the weights and optimizer states in memory may "
+           f"be partly updated, so nothing was saved; {_resume_note(run_dir)}{tail}")
     if is_out_of_memory(e):
         return StepFailed(msg)
-    if isinstance(e, (TrainError, UpdateCheckError)):
+    if isinstance(e, QapolloError):
         e.args = (msg,)
         return e if str(e) == msg else StepFailed(msg)  # a class with its own __str__: wrap it instead
     print(f"qapollo: {msg}; the traceback follows", file=sys.stderr, flush=True)
@@ -57,28 +60,24 @@ def _what(e: BaseException) -> str:
     if is_out_of_memory(e):
         m = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(e))
         return "out of memory" + (f" (tried to allocate {m.group(1)})" if m else "")
-    from .layerwise import UpdateCheckError
-    if isinstance(e, (TrainError, UpdateCheckError)):
+    if isinstance(e, QapolloError):
         return str(e)
     lines = str(e).strip().splitlines()
     return type(e).__name__ + (f": {lines[0]}" if lines else "")
 
 
-def _resume_note(trainer) -> str:
-    from .checkpoint import resume_target
-    target = resume_target(trainer.run_dir)
+def _resume_note(run_dir: str) -> str:
+    target = resume_target(run_dir)
     return (f"--resume auto will continue from {target}" if target
             else "no checkpoint of this run exists yet, so a rerun starts from step 0")
 
 
-def oom_advice(trainer) -> str:
-    """The planner's prediction for this config and what to change to fit."""
-    from .memory import fmt, predict_peak
-    cfg, dev = trainer.cfg, trainer.device
-    plan = getattr(trainer, "plan", None) or predict_peak(cfg, dev.type)
+def oom_advice(cfg, device: torch.device, plan: dict | None = None) -> str:
+    """The planner's prediction for this config (`plan`, or made now) and what to change to fit."""
+    plan = plan or predict_peak(cfg, device.type)
     said = f"the memory plan predicted a {fmt(plan['peak_bytes'])} peak ({plan['phase']} phase)"
-    if dev.type == "cuda":
-        total = torch.cuda.get_device_properties(dev).total_memory
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
         said += f" + {fmt(plan['context_bytes'])} CUDA context on a {fmt(total)} device"
     else:
         said += f", ≈ {fmt(plan['rss_bytes'])} peak RSS"

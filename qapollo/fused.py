@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from . import quant
+from .errors import QapolloError
 
 # Inductor options: eager-equal numerics (see above), and recompute the dequantized weight in each
 # consumer (the min/max reduction, the rounding) from codes and gradient rather than storing it: by
@@ -59,7 +60,7 @@ def _inductor_options() -> dict:
 _RECOMPILE_LIMIT = 64
 
 
-class FusedUnavailable(RuntimeError):
+class FusedUnavailable(QapolloError, RuntimeError):
     """model.fused_update=true on a device where torch.compile cannot build kernels."""
 
 

@@ -1,6 +1,6 @@
-"""`qapollo eval RUN --tasks NAMES`: lm-evaluation-harness scores of a checkpoint or an HF folder.
+"""lm-evaluation-harness over a qapollo model: what `qapollo eval RUN --tasks NAMES` scores with (evaluate.py).
 
-`QapolloLM` is an lm-eval `LM` over the model as `qapollo eval` loads it (evaluate.load_for_eval): a
+`QapolloLM` is an lm-eval `LM` over the model as `qapollo eval` loads it (inference.load_for_eval): a
 checkpoint as trained (int8 weights, its tokenizer), an HF folder in float or `--int8`. It is not HFLM:
 HFLM wants a transformers tokenizer and its own loading, and qapollo's checkpoints are neither.
 
@@ -11,13 +11,12 @@ longest first in padded batches: right padding under a causal mask changes no sc
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import torch
 
-from .evaluate import EvalError, load_for_eval
+from .decode import generate
+from .errors import EvalError
 
 
 def require_lm_eval():
@@ -35,8 +34,6 @@ def make_lm(model, tok, max_length: int, batch_size: int):
     """An lm-eval LM over `model` (built here so that lm_eval is imported only when --tasks is used)."""
     from lm_eval.api.model import LM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-    from .generate import generate
 
     class QapolloLM(LM):
         def __init__(self):
@@ -115,35 +112,3 @@ def task_manager(tasks: list[str], include_path: str | None):
         raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}: use lm-eval's names (e.g. hellaswag, arc_easy, "
                         f"piqa; `lm_eval ls tasks` lists them) or --include-path DIR for your own task YAML files")
     return tm
-
-
-def run_tasks(spec: str, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
-              limit: float | None = None, batch_size: int = 8, device: str = "auto", dtype: str | None = None,
-              int8: bool = False, group_size: int = 128, seed: int = 0, output: str | None = None) -> dict:
-    """Score `spec` on lm-eval tasks; {"model", "checkpoint", "tasks": {task: {metric: value}}}."""
-    if not tasks:
-        raise EvalError("--tasks is empty: give task names, e.g. --tasks hellaswag,arc_easy,piqa")
-    if include_path and not os.path.isdir(include_path):
-        raise EvalError(f"--include-path {include_path}: no such folder (it holds your task YAML files)")
-    lm_eval = require_lm_eval()
-    tm = task_manager(tasks, include_path)  # before the model is loaded: a typo costs nothing
-    model, tok, seq_len, ckpt = load_for_eval(spec, device, dtype, int8, group_size, progress=False)
-    lm = make_lm(model, tok, model.config.max_position_embeddings, batch_size)
-    res = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                            task_manager=tm, log_samples=False, random_seed=seed,
-                                            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    if output:
-        with open(output, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-    scores = {t: {k.removesuffix(",none"): v for k, v in r.items() if k != "alias"} for t, r in res["results"].items()}
-    return {"model": spec, "checkpoint": ckpt, "tasks": scores, "n_samples": res.get("n-samples"),
-            "num_fewshot": res.get("n-shot"), "limit": limit}
-
-
-def tasks_main(args) -> int:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    r = run_tasks(args.model, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size, args.device,
-                  args.dtype, args.int8, args.group_size, args.seed, args.output)
-    print(json.dumps(r))
-    sys.stdout.flush()
-    return 0

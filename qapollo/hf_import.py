@@ -60,26 +60,34 @@ def read_shape(path: str) -> dict:
         raise _fail(path, "no config.json: not a Hugging Face model folder") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(path, f"config.json is not valid JSON ({e})") from None
+    return shape_from_config(raw, f"model.init_from {path}")
+
+
+def shape_from_config(raw: dict, where: str) -> dict:
+    """The ModelConfig shape keys of a LLaMA config (config.json, or a LlamaConfig's to_dict()); `where`
+    names it in errors. Refuses what qapollo's model cannot represent."""
+    def bad(msg: str) -> HFImportError:
+        return HFImportError(f"{where}: {msg}")
     arch = raw.get("architectures") or ["LlamaForCausalLM"]
     if raw.get("model_type") != "llama" or arch != ["LlamaForCausalLM"]:
-        raise _fail(path, f"model_type {raw.get('model_type')!r} / architectures {arch}: qapollo trains "
+        raise bad(f"model_type {raw.get('model_type')!r} / architectures {arch}: qapollo trains "
                           f"LlamaForCausalLM (model_type 'llama') only")
     if raw.get("quantization_config"):
-        raise _fail(path, "is a quantized checkpoint (quantization_config in config.json): start from the "
+        raise bad("is a quantized checkpoint (quantization_config in config.json): start from the "
                           "float (bf16/fp16/fp32) model")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
-            raise _fail(path, f"{key}=true: bias terms are not supported (qapollo's projections are bias-free)")
+            raise bad(f"{key}=true: bias terms are not supported (qapollo's projections are bias-free)")
     if raw.get("hidden_act", "silu") != "silu":
-        raise _fail(path, f"hidden_act {raw['hidden_act']!r}: only LLaMA's silu is supported")
+        raise bad(f"hidden_act {raw['hidden_act']!r}: only LLaMA's silu is supported")
     try:
         shape = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                      "vocab_size")}
     except KeyError as e:
-        raise _fail(path, f"config.json lacks {e.args[0]!r}") from None
+        raise bad(f"config.json lacks {e.args[0]!r}") from None
     heads = shape["num_attention_heads"]
     if raw.get("head_dim") not in (None, shape["hidden_size"] // heads):
-        raise _fail(path, f"head_dim {raw['head_dim']} differs from hidden_size/num_attention_heads: not supported")
+        raise bad(f"head_dim {raw['head_dim']} differs from hidden_size/num_attention_heads: not supported")
     rope = raw.get("rope_parameters") or {}  # transformers 5 writes rope_parameters, 4.x rope_theta/rope_scaling
     scaling = raw.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":

@@ -32,18 +32,17 @@ tensor), a float tensor's update is skipped; `after_backward` reads the flags on
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from . import fused, quant
 from .config import ConfigError
+from .errors import QapolloError
 from .model import Int8Linear, RowGrad, int8_modules, matrix_names, tensor_seed
-from .optim import apollo
+from .optim.schedule import lr_at
+from .optim.updaters import ApolloUpdater, TorchAdamUpdater
 
 
-class UpdateCheckError(RuntimeError):
+class UpdateCheckError(QapolloError, RuntimeError):
     """A trainable tensor did not change, or did not get a gradient, in an optimizer step."""
 
 
@@ -57,258 +56,27 @@ class NonFiniteGradient(UpdateCheckError):
                          f"but other tensors of this step were already updated inside backward")
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup then cosine to min_lr_ratio·lr. `step` is 0 for the first update, whose lr is > 0."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def make_updaters(model: nn.Module, ocfg, seed: int, stochastic_round: bool, lagged: bool, window: int) -> dict:
+    """One updater per trainable tensor (see the module docstring), keyed by the tensor's name."""
+    mats = matrix_names(model)
+    updaters = {}
 
-
-class ApolloUpdater:
-    """APOLLO / APOLLO-Mini on one matrix, int8 (dequant → update → requant in fp32) or float.
-
-    lagged=True: the lagged-scale accumulation mode over windows of `window` micro-batches (one call per
-    micro-batch, `commit` per step)."""
-
-    def __init__(self, name: str, target, ocfg, seed: int, stochastic: bool, lagged: bool = False, window: int = 1):
-        self.name, self.target, self.o = name, target, ocfg
-        self.stochastic, self.lagged, self.window = stochastic, lagged, window
-        self.finite = None
-        self.sr_seed = tensor_seed(seed, "sr:" + name)
-        shape = target.shape if isinstance(target, Int8Linear) else tuple(target.shape)
-        self.shape = tuple(shape)
-        device = target.weight_codes.device if isinstance(target, Int8Linear) else target.device
-        self.state = apollo.init_state(self.shape, ocfg.rank, tensor_seed(seed, "proj:" + name), device)
-        # the compiled whole-matrix kernel or the eager row-chunk reference (model.fused_update)
-        self._update_int8 = fused.update_quantized_ if getattr(target, "fused", False) else quant.update_quantized_
-
-    def _hparams(self) -> dict:
-        o = self.o
-        return dict(rank=o.rank, scale_type=o.scale_type, update_proj_gap=o.update_proj_gap, beta1=o.beta1,
-                    beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit, limiter_decay=o.limiter_decay)
-
-    def step(self, grad: torch.Tensor, lr: float, count_changes: bool, last: bool = True) -> int:
-        """One update (exact) or one micro-batch's share (lagged; `last`: the window's last micro-batch)."""
-        if isinstance(grad, RowGrad):
-            return self.step_rows(grad, lr, count_changes, last)
-        if self.lagged:
-            c = apollo.lagged_multiplier(grad, self.state, window=self.window, last=last, **self._hparams())
+    def apollo_on(name, target, stochastic):
+        return ApolloUpdater(name, target, ocfg, tensor_seed(seed, "proj:" + name), tensor_seed(seed, "sr:" + name),
+                             stochastic, lagged, window)
+    for name, mod in int8_modules(model):
+        updaters[name] = apollo_on(name, mod, stochastic_round)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in mats and ocfg.name != "adamw":
+            updaters[name] = apollo_on(name, p, False)
+        elif name in mats:
+            updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
         else:
-            c = apollo.apollo_multiplier(grad, self.state, **self._hparams())
-        self.finite = self.state.pop("finite")  # a device bool: read once per micro-batch, not here
-        return 0 if c is None else self._apply(grad, c, lr, count_changes)
-
-    # ---- gradients that are never whole (model.lean_head) -----------------------------------------
-    def _int8_coef(self, c: torch.Tensor | None, lr: float) -> torch.Tensor | None:
-        self.finite = self.state.pop("finite")
-        return None if c is None else (c * (-lr * math.sqrt(self.o.scale))).float()
-
-    def step_rows(self, grad: RowGrad, lr: float, count_changes: bool, last: bool = True) -> int:
-        """A sparse gradient (the int8 embedding: the batch's rows). R = G Pᵀ is zero outside those rows
-        (the vocabulary side is the larger one, so P compresses the hidden side), ‖G‖ is theirs: the
-        tensor-wise APOLLO-Mini step is exact. Rows not in the batch keep their weights; their moments decay
-        as the dense step's would."""
-        st, t = self.state, self.target
-        g = grad.values
-        self._refresh(g.device)
-        math_dtype = torch.promote_types(g.dtype, torch.float32)
-        r = torch.zeros(st["exp_avg"].shape, dtype=math_dtype, device=g.device)
-        r.index_add_(0, grad.rows, (g @ st["proj"].to(g.dtype).T).to(math_dtype))  # apollo.project's m>=n side
-        h = self._sketch(g.device)
-        if h is not None:  # apollo.sketch on the rows present (A·G, G zero elsewhere)
-            h = h[1][:, grad.rows] @ g.to(h[1].dtype)
-        c = self._multiplier(r, torch.linalg.vector_norm(g, dtype=math_dtype), last, h)
-        coef = self._int8_coef(c, lr)
-        if coef is None:
-            return 0
-        return quant.update_rows_(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad.rows, g, coef,
-                                  stochastic=self.stochastic, seed=tensor_seed(self.sr_seed, self._noise_key()),
-                                  count_changes=count_changes, keep=~self.finite)
-
-    def step_slices(self, src, lr: float, count_changes: bool, last: bool = True) -> int:
-        """lm_head's gradient given slice by slice (loss.HeadGradSlices), read twice: first R = G Pᵀ (row
-        slices of it) and ‖G‖² summed over slices give APOLLO-Mini's scale; then each slice is recomputed and
-        applied to its rows at once. The full gradient never exists; the step is the exact (not lagged) one,
-        at the price of recomputing the head's logits once more."""
-        st, t = self.state, self.target
-        self._refresh(t.weight_codes.device)
-        r = torch.zeros(st["exp_avg"].shape, dtype=torch.float32, device=t.weight_codes.device)
-        sq = torch.zeros((), dtype=torch.float32, device=r.device)
-        h = self._sketch(r.device)  # lagged: (the sketch's sum, A)
-
-        def measure(sl, g):
-            r[sl] = (g @ st["proj"].to(g.dtype).T).to(torch.float32)  # rows of apollo.project(G) (V >= h)
-            sq.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square())
-            if h is not None:
-                h[0].add_(h[1][:, sl] @ g.to(torch.float32))  # apollo.sketch, slice by slice
-        src.each(measure)
-        coef = self._int8_coef(self._multiplier(r, sq.sqrt(), last, None if h is None else h[0]), lr)
-        if coef is None:  # lagged window without a committed scale: nothing to apply before its last micro-batch
-            return 0
-        seed, keep = tensor_seed(self.sr_seed, self._noise_key()), ~self.finite
-        changed, n = [0], self.shape[1]
-
-        def apply(sl, g):
-            changed[0] += quant.update_quantized_(*t.row_block(sl.start, sl.stop), t.group_size, g, coef, None,
-                                                  stochastic=self.stochastic, seed=seed,
-                                                  count_changes=count_changes, keep=keep, offset=sl.start * n)
-        src.each(apply)
-        return changed[0]
-
-    def _refresh(self, device) -> None:
-        # lagged: P stays fixed for a whole window (drawn at its first micro-batch), as lagged_multiplier does
-        if not self.lagged or not self.state.get("r_count"):
-            apollo.refresh_projection(self.shape, self.state, self.o.rank, self.o.update_proj_gap, device)
-
-    def _sketch(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Lagged mode: (zeros of the sketch's shape, this window's sketch matrix A) for a gradient given by
-        rows or slices (m >= n: the sketch is A·G, SKETCH_ROWS × n); None in exact mode."""
-        if not self.lagged:
-            return None
-        a = apollo.sketch_matrix(self.shape, self.state, device)
-        return torch.zeros(a.shape[0], self.shape[1], device=device), a
-
-    def _multiplier(self, r: torch.Tensor, g_norm: torch.Tensor, last: bool,
-                    h: torch.Tensor | None = None) -> torch.Tensor | None:
-        o = self.o
-        hp = dict(shape=self.shape, beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
-                  limiter_decay=o.limiter_decay)
-        if self.lagged:
-            return apollo.lagged_projected_multiplier(r, g_norm, h, self.state, window=self.window, last=last, **hp)
-        return apollo.projected_multiplier(r, g_norm, self.state, **hp)
-
-    def commit(self) -> None:
-        """Step boundary (lagged mode): moments take the window's projected gradient once, the limiter the
-        window's update; the resulting c is the next window's."""
-        if self.lagged:
-            o = self.o
-            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, window=self.window,
-                                 beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
-                                 limiter_decay=o.limiter_decay)
-
-    def _noise_key(self) -> str:
-        # exact: one update per step; lagged: one per micro-batch, each with its own rounding noise
-        st = self.state
-        return f"{st['step']}:{st['r_count']}" if self.lagged else str(st["step"])
-
-    def _apply(self, grad: torch.Tensor, c: torch.Tensor, lr: float, count_changes: bool) -> int:
-        # W ← (W + coef⊙G)·decay with coef = -lr·√scale·c and decay = 1 - lr·wd (decoupled weight decay on
-        # the updated weight, as in the reference). Both stay on the device: no host sync, and the compiled
-        # kernel takes them as tensors (a Python float would recompile it every step).
-        coef = c * (-lr * math.sqrt(self.o.scale))  # c is fp32 (fp64 for fp64 gradients)
-        wd = self.o.weight_decay
-        once = not self.lagged or self.state["r_count"] == 1  # lagged: decay once per window, not per micro-batch
-        decay = torch.full((), 1.0 - lr * wd, device=grad.device) if wd and once else None
-        if isinstance(self.target, Int8Linear):
-            t = self.target
-            # Rounding noise is a function of (seed, tensor, step, element): reproducible, order- and
-            # device-independent, nothing to save for resume (quant.sr_bits). A non-finite gradient
-            # (c = 0, the flag false) leaves codes, scales and zeros as they were (keep).
-            return self._update_int8(t.weight_codes, t.weight_scale, t.weight_zero, t.group_size, grad,
-                                     coef.float(), decay, stochastic=self.stochastic,
-                                     seed=tensor_seed(self.sr_seed, self._noise_key()),
-                                     count_changes=count_changes, keep=~self.finite)
-        p = self.target
-        before = p.detach().clone() if count_changes else None
-        with torch.no_grad():
-            d = grad.to(coef.dtype) * coef
-            # c is 0 for a non-finite gradient; 0·inf = nan, so clear those too: nothing reaches the weight
-            torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
-            new = p.to(coef.dtype) + d  # a new tensor: p stays as it was until the select below
-            if decay is not None:
-                new *= decay
-            p.copy_(torch.where(self.finite, new.to(p.dtype), p))
-        return int((p != before).sum()) if count_changes else 0
-
-    def finite_flag(self):
-        """Device bool of the last call: was the gradient finite (read once per micro-batch)."""
-        return self.finite
-
-
-class TorchAdamUpdater:
-    """One float tensor with per-tensor optimizers: bitsandbytes 8-bit AdamW or torch AdamW.
-
-    Large tensors (embedding, lm_head: 131M elements at 7B) are updated in row chunks, each chunk a
-    Parameter *view* of the tensor with its own optimizer: bitsandbytes' CPU path dequantizes both 8-bit
-    states to fp32 (≈ 20 bytes of transient per element, 2.4 GiB at 7B) and chunking bounds that. The
-    chunks hold whole 4096-element blocks, so the blockwise 8-bit states are the same as unchunked.
-    """
-
-    CHUNK_ELEMS = 1 << 22
-
-    def __init__(self, name: str, param: nn.Parameter, kind: str, ocfg, weight_decay: float):
-        self.name, self.param = name, param
-        self.finite = True
-        betas = (ocfg.beta1, ocfg.beta2)
-        if kind == "adam8bit":
-            import bitsandbytes as bnb  # used as a library, never subclassed
-            make = lambda ps: bnb.optim.AdamW8bit(ps, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
-        else:
-            make = lambda ps: torch.optim.AdamW(ps, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
-        self.chunks = []  # (row slice, Parameter view, optimizer)
-        rows = self._rows_per_chunk(tuple(param.shape))
-        for r0 in range(0, param.shape[0] if param.dim() else 1, rows):
-            sl = slice(r0, min(param.shape[0], r0 + rows)) if param.dim() else slice(None)
-            view = param if rows >= (param.shape[0] if param.dim() else 1) else nn.Parameter(param.data[sl])
-            self.chunks.append((sl, view, make([view])))
-
-    def _rows_per_chunk(self, shape: tuple) -> int:
-        if len(shape) < 2:
-            return shape[0] if shape else 1
-        row = math.prod(shape[1:])
-        unit = 4096 // math.gcd(row, 4096)  # rows per whole number of 4096-element blocks
-        return max(unit, self.CHUNK_ELEMS // row // unit * unit)
-
-    def step(self, grad: torch.Tensor, lr: float, count_changes: bool, last: bool = True) -> int:
-        p, changed = self.param, 0
-        # a host sync per float tensor (2·layers + 3 of them): Adam's moments would move the weight even
-        # for a zeroed gradient, so a bad one must skip the update, which needs the answer on the host
-        self.finite = bool(torch.isfinite(grad).all())
-        if not self.finite:
-            p.grad = None
-            return 0
-        for sl, view, opt in self.chunks:
-            # the startup guard compares chunk by chunk: whole-tensor, copy + mask (+ CUDA's int64 sum) was 1.4 GB at 7B
-            before = view.detach().clone() if count_changes else None
-            view.grad = grad if view is p else grad[sl]
-            opt.param_groups[0]["lr"] = lr
-            opt.step()
-            view.grad = None
-            if count_changes:
-                changed += int((view.detach() != before).sum())
-        p.grad = None
-        return changed
-
-    def finite_flag(self) -> bool:
-        return self.finite
-
-    def commit(self) -> None:
-        pass
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, scalars) keyed `c<i>.<key>`: the raw state of each chunk's optimizer."""
-        tensors, scalars = {}, {}
-        for i, (_, view, opt) in enumerate(self.chunks):
-            for k, v in opt.state.get(view, {}).items():
-                (tensors if torch.is_tensor(v) else scalars)[f"c{i}.{k}"] = v
-        return tensors, scalars
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-        for i, (_, view, opt) in enumerate(self.chunks):
-            new = {k.split(".", 1)[1]: v for k, v in scalars.items() if k.startswith(f"c{i}.")}
-            for key, v in tensors.items():
-                if not key.startswith(f"c{i}."):
-                    continue
-                k = key.split(".", 1)[1]
-                if k == "step":  # torch keeps AdamW's step tensor on the CPU (non-capturable)
-                    new[k] = v
-                elif isinstance(opt, torch.optim.AdamW) and v.is_floating_point():
-                    new[k] = v.to(view.device, view.dtype)  # what torch's own load_state_dict does
-                else:
-                    new[k] = v.to(view.device)  # bitsandbytes: uint8 states, fp32 absmax/qmap as saved
-            opt.state[view] = new
+            kind = "adamw" if ocfg.name == "adamw" else ocfg.float_optim
+            updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0)
+    return updaters
 
 
 class LayerwiseOptimizer:
@@ -325,7 +93,6 @@ class LayerwiseOptimizer:
         # update; None in a single process
         self.reducer = reducer
         self.step_count = 0  # optimizer steps done
-        self.updaters: dict[str, object] = {}
         self.lr = 0.0
         self.hooks_enabled = True  # False: only accumulate (earlier micro-batches, two-phase tests)
         self.count_changes = False
@@ -347,20 +114,9 @@ class LayerwiseOptimizer:
         if self._lean and reducer is not None:
             raise ConfigError("model.lean_head=true does not run data-parallel yet (its lm_head gradient is never "
                               "whole, so there is nothing to all-reduce): use one process or model.lean_head=false")
-        for name, mod in int8_modules(model):
-            self.updaters[name] = ApolloUpdater(name, mod, ocfg, seed, stochastic_round, self.lagged, grad_accum_steps)
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name in mats and ocfg.name != "adamw":
-                self.updaters[name] = ApolloUpdater(name, p, ocfg, seed, False, self.lagged, grad_accum_steps)
-            elif name in mats:
-                self.updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
-            else:
-                kind = "adamw" if ocfg.name == "adamw" else ocfg.float_optim
-                self.updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0)
+        self.updaters = make_updaters(model, ocfg, seed, stochastic_round, self.lagged, grad_accum_steps)
         # tensors that step on every micro-batch (lagged mode); all others step once per optimizer step
-        self._every_micro = {n for n, u in self.updaters.items() if isinstance(u, ApolloUpdater) and u.lagged}
+        self._every_micro = {n for n, u in self.updaters.items() if u.lagged}
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -421,14 +177,17 @@ class LayerwiseOptimizer:
     def _update(self, name: str, grad: torch.Tensor) -> None:
         if self._grad_scale != 1.0 and name not in self._every_micro:
             grad = grad * self._grad_scale  # the step's mean over the micro-batches the guard let through
-        upd = self.updaters[name]
-        lr = self._lr_of(name)
-        self._record(name, upd, upd.step(grad, lr, self.count_changes, last=self.hooks_enabled))
+        upd, lr = self.updaters[name], self._lr_of(name)
+        if isinstance(grad, RowGrad):  # the int8 embedding (model.lean_head): the batch's rows only
+            changed = upd.step_rows(grad.rows, grad.values, lr, self.count_changes, last=self.hooks_enabled)
+        else:
+            changed = upd.step(grad, lr, self.count_changes, last=self.hooks_enabled)
+        self._record(name, upd, changed)
 
     def _lr_of(self, name: str) -> float:
-        """`lr` for the APOLLO matrices; float_lr for embedding, lm_head and norms, whatever steps them: with
-        model.lean_head, APOLLO-Mini on the embedding / lm_head at the matrices' lr diverged at width 4096
-        (2-layer probe: 9.46 at step 7, 11.38 at step 11, above the first step's 11.20)."""
+        """`lr` for the APOLLO matrices; float_lr for embedding, lm_head and norms, whatever steps them (with
+        model.lean_head, APOLLO-Mini on the embedding / lm_head at the matrices' lr diverged at width 4096:
+        BENCHMARKS.md, 'Measurement notes moved from code comments')."""
         return self.lr if name in self._matrices else self.lr * self.float_lr_scale
 
     def _record(self, name: str, upd, changed: int) -> None:
@@ -436,23 +195,63 @@ class LayerwiseOptimizer:
         self._fired[name] = self._fired.get(name, 0) + 1
         self._changed[name] = self._changed.get(name, 0) + changed
 
-    def forget_accumulation(self, reference: bool) -> None:
-        """A resume that changed the accumulation: lagged windows predict their own scale again and, with
-        reference=True, the limiters start afresh (optim/apollo.forget_accumulation)."""
-        for u in self.updaters.values():
-            if isinstance(u, ApolloUpdater):
-                apollo.forget_accumulation(u.state, reference)
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every updater's state as `<tensor name>.<key>` tensors + a JSON layout {name: {kind, tensors,
+        scalars}} (what optimizer.safetensors holds)."""
+        tensors, layout = {}, {}
+        for name, upd in self.updaters.items():
+            state, scalars = upd.state_dict()
+            tensors.update({f"{name}.{k}": v for k, v in state.items()})
+            layout[name] = {"kind": upd.kind, "tensors": sorted(state), "scalars": scalars}
+        return tensors, layout
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], layout: dict) -> None:
+        """The inverse of state_dict; the step counter is the trainer's to set."""
+        for name, upd in self.updaters.items():
+            entry = layout[name]
+            upd.load_state_dict({k: tensors[f"{name}.{k}"] for k in entry["tensors"]}, entry["scalars"])
+
+    def state_spec(self) -> dict[str, tuple[dict[str, tuple], tuple[str, ...]]]:
+        """{tensor name: (the shapes its state tensors must have, the keys it must hold)} for a checkpoint's
+        validation (checkpoint/validation.py); a key of unknown shape is absent from the shapes."""
+        return {name: upd.state_spec() for name, upd in self.updaters.items()}
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of optimizer state held now (moments, projections, 8-bit states, lagged sums)."""
+        return [t for u in self.updaters.values() for t in u.resident_tensors()]
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held for all tensors (moments, projections, 8-bit states)."""
-        total = 0
+        """Bytes of optimizer state held for all tensors."""
+        return sum(t.numel() * t.element_size() for t in self.resident_tensors())
+
+    def accumulation(self, tokens_per_step: int) -> dict:
+        """What a lagged step size and the limiter's reference are measured on (saved with a checkpoint)."""
+        return {"accum_mode": "lagged" if self.lagged else "exact", "grad_accum_steps": self.grad_accum_steps,
+                "tokens_per_step": tokens_per_step}
+
+    def adopt_accumulation(self, then: dict, now: dict) -> bool:
+        """A resume from state measured with the accumulation `then` (None in the record: checkpoints written
+        before it was kept, which held a per-micro-batch lagged state). The lagged step size is dropped when
+        the mode or K changed (the next window measures its own, applied at its last micro-batch: one step of
+        the right size), the limiter's reference too when the tokens per step changed. True when the change
+        is worth a note."""
+        def lagged(rec):  # lagged with one micro-batch is the exact step
+            return rec["accum_mode"] == "lagged" and rec["grad_accum_steps"] > 1
+        if then.get("tokens_per_step") is None:
+            if lagged(then):
+                self._forget_accumulation(reference=True)
+            return False
+        same_window = lagged(then) == lagged(now) and (not lagged(now) or then["grad_accum_steps"] == now["grad_accum_steps"])
+        same_tokens = then["tokens_per_step"] == now["tokens_per_step"]
+        if same_window and same_tokens:
+            return False
+        self._forget_accumulation(reference=not same_tokens)
+        return True
+
+    def _forget_accumulation(self, reference: bool) -> None:
         for u in self.updaters.values():
-            if isinstance(u, ApolloUpdater):
-                tensors = [v for v in u.state.values() if torch.is_tensor(v)]
-            else:
-                tensors = list(u.state_dict()[0].values())
-            total += sum(t.numel() * t.element_size() for t in tensors)
-        return total
+            u.forget_accumulation(reference)
 
     # ---- step bookkeeping ----------------------------------------------------------------------
     def current_lr(self) -> float:

@@ -19,25 +19,16 @@ import torch.nn.functional as F
 
 from . import quant
 from .model import Int8Linear
+from .sizes import head_slice_rows, loss_chunk_rows
 
-LOSS_CHUNK_ELEMS = 1 << 22  # fp32 logits of one vocab slice: ≤ 16 MB (memory.py plans with this)
 IGNORE_INDEX = -100
-
-
-def loss_is_chunked(cfg) -> bool:
-    """The trainer always uses the chunked loss (same value as HF's; memory.py asks here)."""
-    return True
-
-
-def _chunk(n_tokens: int, vocab: int) -> int:
-    return max(1, min(vocab, LOSS_CHUNK_ELEMS // max(1, n_tokens)))
 
 
 def _forward(h, rows, vocab: int, target, step: int | None = None):
     """Online log-sum-exp over vocab slices; rows(v0, v1) gives lm_head's rows in the compute dtype.
     Returns (target with ignored → 0, valid mask, lse, loss, count of valid targets)."""
     n = h.shape[0]
-    step = step or _chunk(n, vocab)
+    step = step or loss_chunk_rows(n, vocab)
     valid = target != IGNORE_INDEX
     tgt = torch.where(valid, target, torch.zeros_like(target))
     run_max = torch.full((n,), float("-inf"), device=h.device, dtype=torch.float32)
@@ -85,7 +76,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def backward(ctx, gout):
         h, weight, tgt, valid, lse = ctx.saved_tensors
         n, vocab = h.shape[0], weight.shape[0]
-        step = _chunk(n, vocab)
+        step = loss_chunk_rows(n, vocab)
         # d loss / d z = (softmax(z) - onehot(target)) · gout / count, zero on ignored tokens
         coef = (gout.float() / ctx.count.clamp(min=1).float()) * valid.float()  # (n,)
         gh = torch.zeros(h.shape, device=h.device, dtype=torch.float32) if ctx.needs_input_grad[0] else None
@@ -103,15 +94,6 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                     gh += g @ w  # the slice's product in the compute dtype, summed in fp32
             del g
         return (gh.to(h.dtype) if gh is not None else None), gw, None
-
-
-# lm_head rows per slice of the int8 head's backward: the slice's gradient (rows·h in the compute dtype)
-# and its int8 update's fp32 transients stay a few MiB (memory.py plans with this)
-HEAD_SLICE_ELEMS = 1 << 20
-
-
-def head_slice_rows(n_tokens: int, vocab: int, hidden: int) -> int:
-    return max(1, min(_chunk(n_tokens, vocab), HEAD_SLICE_ELEMS // hidden))
 
 
 def head_rows(head, v0: int, v1: int, dtype):

@@ -9,6 +9,8 @@ import uuid
 
 import torch
 
+from .errors import QapolloError
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
@@ -32,7 +34,7 @@ def peak_mem_bytes(device: torch.device) -> int:
     return peak_rss_bytes()
 
 
-class MetricsError(RuntimeError):
+class MetricsError(QapolloError, RuntimeError):
     """A metrics sink that cannot be used; the message says how to fix it."""
 
 

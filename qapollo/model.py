@@ -79,6 +79,10 @@ class Int8Linear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight_codes.device
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         deq = fused.dequantize if self.fused else quant.dequantize_chunked
         return deq(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
@@ -115,6 +119,31 @@ class Int8Linear(nn.Module):
             self.slice_hook(self, src)
         else:
             self.receive_grad(src.full())
+
+    # ---- in-place updates W ← round((W + coef⊙G)·decay) (the optimizer computes coef; optim/updaters.py) ----
+    # `noise` = (seed, key): the rounding noise is a function of (seed, tensor, step, element), so it is
+    # reproducible, order- and device-independent and needs nothing saved for resume (quant.sr_bits).
+    # `keep` (a device bool) leaves codes, scales and zeros as they were (a non-finite gradient).
+    def add_update_(self, grad, coef, decay=None, *, stochastic: bool, noise: tuple[int, str],
+                    count_changes: bool = False, keep=None) -> int:
+        """The whole matrix: the compiled kernel or the eager row-chunk reference (model.fused_update)."""
+        update = fused.update_quantized_ if self.fused else quant.update_quantized_
+        return update(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, grad, coef, decay,
+                      stochastic=stochastic, seed=tensor_seed(*noise), count_changes=count_changes, keep=keep)
+
+    def add_rows_(self, rows, values, coef, *, stochastic: bool, noise: tuple[int, str], count_changes: bool = False,
+                  keep=None) -> int:
+        """Only `rows` (distinct, their gradient `values`): the int8 embedding's sparse update."""
+        return quant.update_rows_(self.weight_codes, self.weight_scale, self.weight_zero, self.group_size, rows,
+                                  values, coef, stochastic=stochastic, seed=tensor_seed(*noise),
+                                  count_changes=count_changes, keep=keep)
+
+    def add_slice_(self, sl: slice, grad, coef, *, stochastic: bool, noise: tuple[int, str],
+                   count_changes: bool = False, keep=None) -> int:
+        """Rows `sl` (whole groups): one slice of the int8 lm_head, with the noise the whole matrix would get."""
+        return quant.update_quantized_(*self.row_block(sl.start, sl.stop), self.group_size, grad, coef, None,
+                                       stochastic=stochastic, seed=tensor_seed(*noise), count_changes=count_changes,
+                                       keep=keep, offset=sl.start * self.in_features)
 
     def row_block(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scales, zeros) of rows v0:v1 (views); needs in_features % group_size == 0 (whole groups)."""
@@ -217,7 +246,9 @@ def matrix_names(model: nn.Module) -> set[str]:
     return out
 
 
-def _replace_projections(model: nn.Module, mcfg, device) -> None:
+def _replace_projections(model: nn.Module, mcfg, device, fill=None) -> None:
+    """Every attention/MLP projection becomes an Int8Linear; `fill(linear)` gives the float rows to round
+    into it (None: left for the caller to initialise)."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in PROJ_NAMES:
@@ -225,7 +256,26 @@ def _replace_projections(model: nn.Module, mcfg, device) -> None:
                 if lin is None:
                     continue
                 q = Int8Linear(lin.in_features, lin.out_features, mcfg.group_size, device)
+                if fill is not None:
+                    q.quantize_from_(fill(lin))
                 setattr(parent, name, q)
+
+
+@torch.no_grad()
+def quantize_(model: LlamaForCausalLM, mcfg) -> LlamaForCausalLM:
+    """A transformers LlamaForCausalLM (built, or from `from_pretrained`) made int8 in place: every projection
+    rounded to nearest into an Int8Linear, row chunk by row chunk, as model.init_from does; the float
+    tensors (embeddings, norms, lm_head) stay in their dtype, the norms in fp32 when that is lower."""
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return model  # already int8
+    device = model.model.embed_tokens.weight.device
+    _replace_projections(model, mcfg, device, fill=lambda lin: (lambda rows: lin.weight[rows]))
+    use_fused = fused.resolve(mcfg.fused_update, device)
+    for name, mod in int8_modules(model):
+        mod.param_name, mod.fused = name, use_fused
+    if model.model.embed_tokens.weight.dtype != torch.float32:
+        _keep_norms_fp32(model)
+    return model
 
 
 def _make_head_int8(model: nn.Module, mcfg, dtype: torch.dtype) -> None:

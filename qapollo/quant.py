@@ -164,7 +164,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
 # temporaries (≈ 1-2 MiB each) stay in the caches across the dozen elementwise passes of an update.
 # CUDA (the fallback when model.fused_update=false or Triton is missing): 8M elements, half a 4096²
 # matrix per chunk, so each pass is a large kernel rather than hundreds of small ones, at 29 B/element
-# of transient (232 MiB; memory.py).
+# of transient (232 MiB; planner.py).
 CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 23}
 
 

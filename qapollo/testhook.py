@@ -28,11 +28,11 @@ def hit(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install(trainer) -> None:
-    """Wrap the optimizer's bookkeeping so that the `step` and `backward` points fire (only when set)."""
+def install(opt) -> None:
+    """Wrap the optimizer's bookkeeping (layerwise.LayerwiseOptimizer) so that the `step` and `backward`
+    points fire (only when set)."""
     if not SPEC.startswith(("step@", "backward@")):
         return
-    opt = trainer.opt
     begin, calls = opt.begin_step, {}
 
     def begin_step(*args, **kwargs):
@@ -44,12 +44,17 @@ def install(trainer) -> None:
     opt.begin_step = begin_step
 
     half, done = len(opt.updaters) // 2, {}
-    for upd in opt.updaters.values():
-        def step_fn(*args, _step=upd.step, **kwargs):
-            out = _step(*args, **kwargs)
+
+    def counted(update):
+        def update_fn(*args, **kwargs):
+            out = update(*args, **kwargs)
             step = opt.step_count + 1
             done[step] = done.get(step, 0) + 1
             if done[step] == half:
                 hit("backward", step)
             return out
-        upd.step = step_fn
+        return update_fn
+    for upd in opt.updaters.values():  # every update of a tensor: whole, or by rows (the int8 embedding)
+        upd.step = counted(upd.step)
+        if hasattr(upd, "step_rows"):
+            upd.step_rows = counted(upd.step_rows)

@@ -16,8 +16,10 @@ import lzma
 import os
 from typing import Iterable, Iterator
 
+from .errors import QapolloError
 
-class DataError(ValueError):
+
+class DataError(QapolloError, ValueError):
     """Bad data config or input: the message says what is wrong and how to fix it."""
 
 

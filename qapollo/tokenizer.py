@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
 
 
+class TokenizerNotFound(DataError, FileNotFoundError):
+    """data.tokenizer names no file or folder."""
+
+
 class Tokenizer:
     """Common surface used by qapollo.data and the HF export. encode() adds no BOS/EOS."""
 
@@ -119,6 +123,16 @@ class HFTokenizer(Tokenizer):
         self.tok.save_pretrained(out_dir)
 
 
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """The tokenizer and the model must agree on the vocabulary: an id >= model.vocab_size would index past
+    the embedding table, and a larger model vocabulary trains rows no token can ever reach."""
+    if tokenizer.vocab_size != model_vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r} has vocab_size {tokenizer.vocab_size} but model.vocab_size is "
+            f"{model_vocab_size}: set model.vocab_size={tokenizer.vocab_size} or use a tokenizer with "
+            f"{model_vocab_size} tokens")
+
+
 def _write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -143,7 +157,7 @@ def load_tokenizer(spec: str | None = None) -> Tokenizer:
                                 f"data.tokenizer at the .model file")
             return HFTokenizer(spec)
         if spec.endswith(".model") or spec.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"tokenizer {spec!r} not found: give a sentencepiece .model file or a tokenizer folder")
+            raise TokenizerNotFound(f"tokenizer {spec!r} not found: give a sentencepiece .model file or a tokenizer folder")
         return HFTokenizer(spec)  # a hub name such as "meta-llama/Llama-2-7b-hf" (needs network or HF cache)
     except (OSError, ValueError, RuntimeError) as e:  # sentencepiece and transformers raise these for bad files
         if isinstance(e, (DataError, FileNotFoundError)):

@@ -1,4 +1,10 @@
-"""The training loop: data → model → in-backward optimizer → metrics, eval and checkpoints."""
+"""The training loop: data → model → in-backward optimizer → metrics, eval and checkpoints.
+
+The Trainer wires the components and owns the run's counters; each component owns its state (the model
+its tensors, the optimizer its updaters' states, the data loader its cursor, the spike guard its window,
+the metrics log its file). A checkpoint is the mapping of those states (`states`), written and read by
+checkpoint/ without knowing any of them.
+"""
 from __future__ import annotations
 
 import math
@@ -9,23 +15,21 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .config import Config, flat_dict, largest_stable_lrs
+from . import checkpoint, distributed, testhook
+from .config import Config, flat_dict
+from .data import build_data, repeat_note
+from .decode import generate
+from .device import pick_device, set_up_allocator
+from .engine import build, optimizer_step
 from .failures import StepFailed, TrainError, on_step_failure  # noqa: F401 (StepFailed: callers import it from here)
 from .guard import SpikeGuard
-from .layerwise import LayerwiseOptimizer
-from .loss import causal_lm_loss
 from .hf_import import load_weights, resolve_init_from
+from .loss import causal_lm_loss
 from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require_tensorboard, require_wandb, rss_bytes
-from .model import build_model, count_params, enable_activation_checkpointing
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return torch.device(name)
+from .model import count_params
+from .optim.schedule import largest_stable_lrs
+from .planner import advice, fmt, one_line, predict_peak
+from .tokenizer import check_vocab, load_tokenizer
 
 
 class Trainer:
@@ -40,6 +44,7 @@ class Trainer:
         self.tokens_seen = 0
         self.last_eval = None
         self.plan = None
+        self.checkpoint_path = None  # the checkpoint the state in memory was saved to or resumed from
         # the step under way, from its first batch until its update is complete: while set, the in-memory
         # state may be half-updated (in-backward updates) and every save refuses it (checkpoint.save)
         self.dirty_step: int | None = None
@@ -51,10 +56,6 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        from . import checkpoint
-        from .data import build_data, check_vocab, repeat_note
-        from .tokenizer import load_tokenizer
-
         cfg, t = self.cfg, self.cfg.train
         if t.tensorboard:
             require_tensorboard()  # fail before anything is built
@@ -69,50 +70,50 @@ class Trainer:
         checkpoint.check_output_dir(self.run_dir, self.plan)
         tok = load_tokenizer(cfg.data.tokenizer)
         check_vocab(tok, cfg.model.vocab_size)
-        checkpoint.check_tokenizer(resume_from, tok)
+        check_resumed_tokenizer(resume_from, tok)
         torch.manual_seed(t.seed)
+        self._build_data(tok)
+        self.model, self.opt = build(cfg, self.device, reducer=self.dist.grad_averager(), init=init_from is None)
+        if init_from is not None:
+            load_weights(self.model, init_from, progress=self.progress and self.dist.is_main)
+        self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
+        wandb = WandbSink(self.run_dir, t.wandb_project, t.run_name, cfg.to_dict()) if t.wandb else None
+        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None,
+                                  wandb=wandb) if self.dist.is_main else NullMetrics()
+        self._resume(resume_from)
+        self._check_replicas(self.opt.step_count)  # same seed, same checkpoint: identical from the start
+
+    def _build_data(self, tok) -> None:
+        cfg, t = self.cfg, self.cfg.train
         with self.dist.rank_zero_first():  # rank 0 tokenizes into the cache, the others then read it
             self.data = build_data(cfg.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
                                    eval_tokens=cfg.eval.tokens, tokenizer=tok, rank=self.dist.rank,
                                    world_size=self.dist.world)
         if cfg.eval.every > 0:
             self.data.check_eval_tokens()
-        note = repeat_note(self.data.info, t.batch_size * t.seq_len * t.grad_accum_steps * self.dist.world, t.max_steps)
+        note = repeat_note(self.data.info, self.tokens_per_step, t.max_steps)
         if note:
             self._say(note)
         self.dist.check_same({**flat_dict(cfg), "resume": cfg.resume, "data cache key": self.data.train.key,
                               "train tokens": self.data.info["n_train_tokens"], "torch": torch.__version__})
-        self.model = build_model(cfg.model, self.device, seed=t.seed, init=init_from is None)
-        if init_from is not None:
-            load_weights(self.model, init_from, progress=self.progress and self.dist.is_main)
-        self.model.train()
-        if cfg.model.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
-        self.opt = LayerwiseOptimizer(self.model, cfg.optim, t.max_steps, seed=t.seed,
-                                      stochastic_round=cfg.model.stochastic_round, accum_mode=t.accum_mode,
-                                      reducer=self.dist.grad_averager(), grad_accum_steps=t.grad_accum_steps)
-        self.guard = SpikeGuard(t.skip_spikes, t.spike_sigma, t.spike_window, t.max_skips_in_row)
-        wandb = WandbSink(self.run_dir, t.wandb_project, t.run_name, cfg.to_dict()) if t.wandb else None
-        self.metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
-                                  tensorboard_dir=os.path.join(self.run_dir, "tb") if t.tensorboard else None,
-                                  wandb=wandb) if self.dist.is_main else NullMetrics()
-        checkpoint.resume(self, resume_from)
-        self._check_replicas(self.opt.step_count)  # same seed, same checkpoint: identical from the start
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.seq_len * t.grad_accum_steps * self.dist.world
 
     def _plan_memory(self) -> None:
-        """Print the planner's peak; refuse a CUDA run predicted not to fit the device (memory.py)."""
-        from .memory import advice, fmt, one_line, predict_peak, tune_cpu_allocator
+        """Print the planner's peak; refuse a CUDA run predicted not to fit the device (planner.py)."""
         self.plan = plan = predict_peak(self.cfg, self.device.type, world_size=self.dist.world)
         self._say(one_line(plan, str(self.device)))
+        set_up_allocator(self.device)  # before CUDA is initialised
         if self.device.type == "cuda":
-            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
             total = torch.cuda.get_device_properties(self.device).total_memory
             if plan["peak_bytes"] + plan["context_bytes"] > total:
                 raise TrainError(f"predicted peak {fmt(plan['peak_bytes'])} + {fmt(plan['context_bytes'])} CUDA "
                                  f"context exceeds {torch.cuda.get_device_name(self.device)}'s {fmt(total)}: "
                                  f"{advice(plan)} (see `qapollo plan`)")
-        else:
-            tune_cpu_allocator()
 
     def _note_lr(self) -> None:
         """Say so when a peak lr is well above the largest the stability probe found stable at this width."""
@@ -128,160 +129,68 @@ class Trainer:
                           f"expect loss spikes (the spike guard skips the worst; a larger batch did not raise the "
                           f"stable lr)")
 
-    # ---- one optimizer step --------------------------------------------------------------------
-    def train_step(self) -> float | None:
-        """One optimizer step over grad_accum_steps micro-batches; the mean loss of those trained on, or
-        None when the spike guard skipped all of them (then nothing changed and the step does not count)."""
-        t = self.cfg.train
-        check = self.opt.step_count == 0 and t.check_updates
-        total, used = 0.0, 0
-        for micro in range(t.grad_accum_steps):
-            x = next(self.data.train).to(self.device, non_blocking=True)
-            self.opt.begin_step(last_micro=micro == t.grad_accum_steps - 1, check=check)
-            loss = causal_lm_loss(self.model, x)  # = model(input_ids=x, labels=x).loss, no full logits
-            # a device sync, once per micro-batch: the guard decides before backward, on the mean over the
-            # ranks, so that every rank takes the same decision (and the guard keeps the same window)
-            loss_val = self.dist.mean(loss)
-            reason = self.guard.reason_to_skip(loss_val)
-            if reason:
-                del loss  # frees the graph: no backward, no update
-                self._skip(reason, micro)
-                continue
-            self.guard.accept(loss_val)
-            (loss / t.grad_accum_steps).backward()
-            self.opt.after_backward()  # raises NonFiniteGradient (no weight took it) naming the tensor
-            total += loss_val
-            used += 1
-            self.tokens_seen += x.numel() * self.dist.world
-        if used == 0:
-            self.opt.abandon_step()
-            return None
-        self.opt.end_step(check=check)
-        return total / used
+    # ---- state: what a checkpoint holds ------------------------------------------------------------
+    def states(self) -> dict:
+        """The named states of the run's components, as checkpoint.save takes them."""
+        step, o, t = self.opt.step_count, self.cfg.optim, self.cfg.train
+        record = {
+            "max_steps": t.max_steps,
+            "tokens_seen": self.tokens_seen,
+            "lr_schedule": {"position": step, "next_lr": self.opt.current_lr(), "lr": o.lr,
+                            "warmup_steps": o.warmup_steps, "max_steps": t.max_steps, "min_lr_ratio": o.min_lr_ratio},
+            "data_cursor": self.data.train.state_dict(),
+            "seed": t.seed,
+            "metrics": {"file": "../metrics.jsonl", "last_step": step},
+            "last_eval": self.last_eval,
+            "spike_guard": self.guard.state_dict(),
+            # what the lagged step size and the limiter's reference were measured on (_adopt_accumulation)
+            "accumulation": self.opt.accumulation(self.tokens_per_step),
+        }
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "trainer": record}
 
-    def _skip(self, reason: str, micro: int) -> None:
-        t = self.cfg.train
-        if not t.skip_spikes:  # guard off: only a non-finite loss gets here, and it stops the run
-            raise TrainError(f"{reason} at step {self.opt.step_count + 1}: stopping before the update; lower "
-                             f"optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")
-        where = f"micro-batch {micro + 1}/{t.grad_accum_steps} of " if t.grad_accum_steps > 1 else ""
-        self._say(f"qapollo: skipped {where}step {self.opt.step_count + 1}: {reason}")
-        if self.guard.skip():
-            raise TrainError(f"{self.guard.in_row} micro-batches in a row skipped by the spike guard (last: {reason}): "
-                             f"the run has diverged; lower optim.lr or lengthen optim.warmup_steps")
+    def _resume(self, ckpts: list[str]) -> None:
+        """Load the first valid checkpoint of `ckpts` into the built components ([]: a fresh run)."""
+        found = checkpoint.first_valid(ckpts, self.cfg, self.model.state_dict(), self.opt.state_spec())
+        if found is None:
+            self.metrics.truncate_after(0)  # a run that crashed before its first checkpoint left lines
+            return
+        ckpt, record = found
+        t0 = time.perf_counter()
+        self.data.train.load_state_dict(record["data_cursor"])  # first: raises on other data settings
+        self.opt.load_state_dict(*checkpoint.load(ckpt, self.model))
+        self._adopt_accumulation(ckpt, record)
+        self.opt.step_count = record["global_step"]
+        self.tokens_seen = record["tokens_seen"]
+        self.last_eval = record.get("last_eval")
+        if record.get("spike_guard"):
+            self.guard.load_state_dict(record["spike_guard"])
+        self.metrics.truncate_after(record["global_step"])
+        self.checkpoint_path = ckpt
+        checkpoint.say(f"resumed from {ckpt} at step {record['global_step']} ({record['tokens_seen']} tokens seen, "
+                       f"loaded in {time.perf_counter() - t0:.2f}s)")
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        self.model.eval()
-        losses = []
-        batches = self.data.val_batches(self.cfg.eval.batch_size)
-        for x in batches[self.dist.rank::self.dist.world]:  # ranks share the batches, then sum
-            x = x.to(self.device)
-            losses.append(causal_lm_loss(self.model, x).float().item())
-        self.model.train()
-        total, count = self.dist.sum(sum(losses), len(losses))
-        loss = total / max(1, count)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-    def samples(self) -> list[dict]:
-        """Greedy continuations of eval.sample_prompts (generate.py): what the model writes at this step."""
-        from .generate import generate
-        e = self.cfg.eval
-        return [{k: r[k] for k in ("prompt", "completion")}
-                for r in (generate(self.model, self.data.tokenizer, p, e.sample_tokens) for p in e.sample_prompts)]
-
-    def _guarded_step(self) -> float | None:
-        """train_step with the state marked dirty until it completes: a half-applied step is never saved."""
-        self.dirty_step = self.opt.step_count + 1
-        try:
-            loss = self.train_step()
-        except BaseException as e:  # any exception between the first batch and the end of the update
-            err = on_step_failure(self, e)  # says what happened and where a resume continues
-            if err is e:
-                raise
-            raise err from e
-        self.dirty_step = None
-        return loss
-
-    # ---- the loop ------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.stop_requested = True  # finish the current step, save, exit
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                signal.signal(s, handler)
-            except ValueError:  # not in the main thread (e.g. called from a test thread)
-                pass
-
-    def fit(self) -> dict:
-        from . import testhook
-        t = self.cfg.train
-        self._install_signal_handlers()
-        testhook.install(self)  # test-only crash points; a no-op unless QAPOLLO_TEST_HOOK is set
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        n = count_params(self.model)
-        self._say(f"qapollo: {n['total'] / 1e6:.1f}M params ({n['int8'] / 1e6:.1f}M int8) on {self.device}, "
-                  f"run dir {self.run_dir}")
-        start = self.opt.step_count
-        if start >= t.max_steps:
-            self._say(f"qapollo: already at step {start} (train.max_steps={t.max_steps}): nothing to train; "
-                      f"raise train.max_steps to continue")
-            return {"step": start, "loss": float("nan"), "tokens": self.tokens_seen}
-        bar = tqdm(total=t.max_steps, initial=start, desc="Update steps", ncols=100,
-                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=False)
-        t_last, tok_last = time.perf_counter(), self.tokens_seen
-        loss = float("nan")
-        record = {}
-        while self.opt.step_count < t.max_steps and not self.dist.any(self.stop_requested):
-            lr = self.opt.current_lr()
-            step_loss = self._guarded_step()
-            if step_loss is None:  # every micro-batch skipped: nothing changed, draw the next ones
-                continue
-            loss = step_loss
-            step = self.opt.step_count
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.max_steps or step == start + 1 or self._eval_due(step):
-                now = time.perf_counter()
-                tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, self.tokens_seen
-                record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                          "tokens_per_s": tps, "peak_mem_bytes": peak_mem_bytes(self.device),
-                          "rss_bytes": rss_bytes(), "skips": self.guard.skips}
-                if self._eval_due(step):
-                    record.update(self.evaluate())
-                    if self.cfg.eval.sample_prompts and self.dist.is_main:
-                        record["samples"] = self.samples()
-                    self.last_eval = record
-                self.metrics.write(record)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
-                                mem=f"{record['peak_mem_bytes'] / 2**30:.2f}G")
-            if t.replica_check_every and (step % t.replica_check_every == 0 or step == start + 1):
-                self._check_replicas(step)
-            if self._save_due(step):
-                self.save()
-        bar.close()
-        self.save()
-        self.metrics.close()
-        return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
-
-    def _eval_due(self, step: int) -> bool:
-        e = self.cfg.eval.every
-        return e > 0 and (step % e == 0 or step == self.cfg.train.max_steps)
-
-    def _save_due(self, step: int) -> bool:
-        s = self.cfg.train.save_every
-        return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
+    def _adopt_accumulation(self, ckpt: str, record: dict) -> None:
+        """Resuming with other accumulation settings than the checkpoint's (layerwise.adopt_accumulation)."""
+        now, then = self.opt.accumulation(self.tokens_per_step), checkpoint.saved_accumulation(ckpt, record)
+        if self.opt.adopt_accumulation(then, now):
+            same_tokens = then["tokens_per_step"] == now["tokens_per_step"]
+            checkpoint.say(
+                f"note: {ckpt} was trained with train.accum_mode={then['accum_mode']}, train.grad_accum_steps="
+                f"{then['grad_accum_steps']}, {then['tokens_per_step']} tokens per step; now {now['accum_mode']}, "
+                f"{now['grad_accum_steps']}, {now['tokens_per_step']}: the next step measures its own lagged step "
+                f"size{'' if same_tokens else ' and the norm limiter starts afresh'}")
 
     def save(self) -> None:
         """Write a checkpoint of the current step (checkpoint/saving.py; refused while dirty_step is set):
         replicas checked, rank 0 writes, the other ranks wait for it."""
-        from . import checkpoint
         self._check_replicas(self.opt.step_count)
         outcome, failure = None, None
         if self.dist.is_main:
             try:
-                outcome = ("saved", checkpoint.save(self))
+                path = checkpoint.save(self.run_dir, self.opt.step_count, self.states(), config=self.cfg,
+                                       tokenizer=self.data.tokenizer, keep=self.cfg.train.keep_checkpoints,
+                                       incomplete_step=self.dirty_step, last_saved=self.checkpoint_path)
+                outcome = ("saved", path)
             except Exception as e:  # the other ranks wait in the broadcast below: they must learn of it too
                 if not self.dist.enabled:
                     raise
@@ -298,6 +207,167 @@ class Trainer:
         if self.cfg.train.replica_check_every and self._checked_at != step:
             self.dist.check_replicas(self.model, step)
             self._checked_at = step
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> float | None:
+        """One optimizer step over grad_accum_steps micro-batches (engine.optimizer_step); the mean loss of
+        those trained on, or None when the spike guard skipped all of them (nothing changed, not counted)."""
+        t = self.cfg.train
+        skipped = []
+
+        def batches():
+            while True:
+                yield next(self.data.train).to(self.device, non_blocking=True)
+
+        def on_skip(reason: str, micro: int) -> None:
+            skipped.append(micro)
+            self._skip(reason, micro)
+        # the guard decides before backward, on the mean loss over the ranks (a device sync per micro-batch),
+        # so that every rank takes the same decision and keeps the same window
+        loss = optimizer_step(self.model, self.opt, batches(), t.grad_accum_steps,
+                              check=self.opt.step_count == 0 and t.check_updates, guard=self.guard,
+                              value_of=self.dist.mean, on_skip=on_skip)
+        self.tokens_seen += (t.grad_accum_steps - len(skipped)) * t.batch_size * t.seq_len * self.dist.world
+        return loss
+
+    def _skip(self, reason: str, micro: int) -> None:
+        t = self.cfg.train
+        if not t.skip_spikes:  # guard off: only a non-finite loss gets here, and it stops the run
+            raise TrainError(f"{reason} at step {self.opt.step_count + 1}: stopping before the update; lower "
+                             f"optim.lr or raise optim.warmup_steps, then resume from the last checkpoint")
+        where = f"micro-batch {micro + 1}/{t.grad_accum_steps} of " if t.grad_accum_steps > 1 else ""
+        self._say(f"qapollo: skipped {where}step {self.opt.step_count + 1}: {reason}")
+        if self.guard.skip():
+            raise TrainError(f"{self.guard.in_row} micro-batches in a row skipped by the spike guard (last: {reason}): "
+                             f"the run has diverged; lower optim.lr or lengthen optim.warmup_steps")
+
+    def _guarded_step(self) -> float | None:
+        """train_step with the state marked dirty until it completes: a half-applied step is never saved."""
+        self.dirty_step = self.opt.step_count + 1
+        try:
+            loss = self.train_step()
+        except BaseException as e:  # any exception between the first batch and the end of the update
+            # says what happened and where a resume continues
+            err = on_step_failure(e, self.dirty_step, self.run_dir, self.cfg, self.device, self.plan)
+            if err is e:
+                raise
+            raise err from e
+        self.dirty_step = None
+        return loss
+
+    # ---- eval ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses = []
+        batches = self.data.val_batches(self.cfg.eval.batch_size)
+        for x in batches[self.dist.rank::self.dist.world]:  # ranks share the batches, then sum
+            x = x.to(self.device)
+            losses.append(causal_lm_loss(self.model, x).float().item())
+        self.model.train()
+        total, count = self.dist.sum(sum(losses), len(losses))
+        loss = total / max(1, count)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def samples(self) -> list[dict]:
+        """Greedy continuations of eval.sample_prompts (decode.py): what the model writes at this step."""
+        e = self.cfg.eval
+        return [{k: r[k] for k in ("prompt", "completion")}
+                for r in (generate(self.model, self.data.tokenizer, p, e.sample_tokens) for p in e.sample_prompts)]
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True  # finish the current step, save, exit
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not in the main thread (e.g. called from a test thread)
+                pass
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        self._install_signal_handlers()
+        testhook.install(self.opt)  # test-only crash points; a no-op unless QAPOLLO_TEST_HOOK is set
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        n = count_params(self.model)
+        self._say(f"qapollo: {n['total'] / 1e6:.1f}M params ({n['int8'] / 1e6:.1f}M int8) on {self.device}, "
+                  f"run dir {self.run_dir}")
+        start = self.opt.step_count
+        if start >= t.max_steps:
+            self._say(f"qapollo: already at step {start} (train.max_steps={t.max_steps}): nothing to train; "
+                      f"raise train.max_steps to continue")
+            return {"step": start, "loss": float("nan"), "tokens": self.tokens_seen}
+        bar = tqdm(total=t.max_steps, initial=start, desc="Update steps", ncols=100,
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=False)
+        self._last_log = (time.perf_counter(), self.tokens_seen)
+        loss, record = float("nan"), {}
+        while self.opt.step_count < t.max_steps and not self.dist.any(self.stop_requested):
+            lr = self.opt.current_lr()
+            step_loss = self._guarded_step()
+            if step_loss is None:  # every micro-batch skipped: nothing changed, draw the next ones
+                continue
+            loss, step = step_loss, self.opt.step_count
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps or step == start + 1 or self._eval_due(step):
+                record = self._log(step, loss, lr, bar)
+            if t.replica_check_every and (step % t.replica_check_every == 0 or step == start + 1):
+                self._check_replicas(step)
+            if self._save_due(step):
+                self.save()
+        bar.close()
+        self.save()
+        self.metrics.close()
+        return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
+
+    def _log(self, step: int, loss: float, lr: float, bar) -> dict:
+        """One metrics record (with eval and samples when due), to metrics.jsonl and the progress bar."""
+        now, (t_last, tok_last) = time.perf_counter(), self._last_log
+        tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+        self._last_log = (now, self.tokens_seen)
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens_seen, "tokens_per_s": tps,
+                  "peak_mem_bytes": peak_mem_bytes(self.device), "rss_bytes": rss_bytes(), "skips": self.guard.skips}
+        if self._eval_due(step):
+            record.update(self.evaluate())
+            if self.cfg.eval.sample_prompts and self.dist.is_main:
+                record["samples"] = self.samples()
+            self.last_eval = record
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
+                        mem=f"{record['peak_mem_bytes'] / 2**30:.2f}G")
+        return record
+
+    def _eval_due(self, step: int) -> bool:
+        e = self.cfg.eval.every
+        return e > 0 and (step % e == 0 or step == self.cfg.train.max_steps)
+
+    def _save_due(self, step: int) -> bool:
+        s = self.cfg.train.save_every
+        return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
+
+
+def check_resumed_tokenizer(ckpts: list[str], tok) -> None:
+    """The run to resume was tokenized with this tokenizer: other token ids would silently mean other text.
+
+    Checks the first checkpoint (all of a run share the tokenizer), before any data is tokenized or a
+    model built. Older checkpoints without the fingerprint are compared through their saved tokenizer/.
+    """
+    for ckpt in ckpts[:1]:
+        try:
+            saved = checkpoint.read_state(ckpt).get("tokenizer")
+        except checkpoint.CheckpointError:
+            return  # reported, with fallback, when the checkpoint is validated
+        folder = os.path.join(ckpt, "tokenizer")
+        if saved is None and os.path.isdir(folder):
+            old = load_tokenizer(folder)
+            saved = {"name": str(old.name_or_path), "vocab_size": old.vocab_size, "fingerprint": old.fingerprint()}
+        if saved is not None and saved.get("fingerprint") != tok.fingerprint():
+            raise checkpoint.IncompatibleCheckpoint(
+                f"cannot resume {ckpt}: it was trained with tokenizer {saved.get('name')!r} (vocab "
+                f"{saved.get('vocab_size')}) but data.tokenizer gives {str(tok.name_or_path)!r} (vocab "
+                f"{tok.vocab_size}), another tokenizer: resume with data.tokenizer={folder} (the copy saved with "
+                f"the run) or start a new train.run_name")
 
 
 def train(cfg: Config, progress: bool = True) -> dict:

@@ -37,7 +37,7 @@ def run_trainer(cfg, out: str, rank: int, kind: str) -> None:
     tr = Trainer(cfg, progress=False)
     real_save = checkpoint.save
     if kind == "save_fails" and rank == 0:
-        def full_disk(trainer):
+        def full_disk(*args, **kwargs):
             raise DiskSpaceError("the disk filled up while writing checkpoint-1 (simulated)")
         checkpoint.save = full_disk
     try:

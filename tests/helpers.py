@@ -27,33 +27,23 @@ def measured_peak(cfg, chunked: bool = True, steps: int = 2, held: list | None =
     """max over steps of (resident model + optimizer states) + peak live bytes during the step, with the
     config's micro-batches (train.grad_accum_steps, accum_mode). `held` collects, per step, whether any int8
     matrix held a gradient after the first micro-batch."""
-    from qapollo.layerwise import LayerwiseOptimizer
-    from qapollo.loss import causal_lm_loss
-    from qapollo.memory import LiveTensorCounter, resident_tensor_bytes
-    from qapollo.model import build_model, enable_activation_checkpointing, int8_modules
+    from qapollo.engine import build, micro_batch
+    from qapollo.meter import LiveTensorCounter, resident_tensor_bytes
+    from qapollo.model import int8_modules
     t = cfg.train
-    model = build_model(cfg.model, "cpu", seed=0)
-    model.train()
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    opt = LayerwiseOptimizer(model, cfg.optim, 10, seed=0, stochastic_round=True, accum_mode=t.accum_mode,
-                             grad_accum_steps=t.grad_accum_steps)
+    model, opt = build(cfg, "cpu")
+    hf_loss = None if chunked else (lambda model, x: model(input_ids=x, labels=x).loss)
     gen = torch.Generator().manual_seed(0)
     peaks = []
     for _ in range(steps):
-        states = [getattr(u, "state", None) for u in opt.updaters.values()]
-        states += [list(u.state_dict()[0].values()) for u in opt.updaters.values() if hasattr(u, "chunks")]
-        base = resident_tensor_bytes(model, states)
+        base = resident_tensor_bytes(model, opt.resident_tensors())
         gc.collect()
         c = LiveTensorCounter()
         with c:
             for micro in range(t.grad_accum_steps):
                 x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, t.seq_len), generator=gen)
-                opt.begin_step(last_micro=micro == t.grad_accum_steps - 1, check=False)
-                loss = causal_lm_loss(model, x) if chunked else model(input_ids=x, labels=x).loss
-                (loss / t.grad_accum_steps).backward()
-                del loss
-                opt.after_backward()
+                micro_batch(model, opt, x, last=micro == t.grad_accum_steps - 1, accum=t.grad_accum_steps,
+                            loss_fn=hf_loss)
                 if micro == 0 and held is not None:
                     held.append(any(m.weight_grad is not None for _, m in int8_modules(model)))
             opt.end_step()

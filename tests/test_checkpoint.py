@@ -17,7 +17,7 @@ from safetensors import safe_open
 from qapollo import checkpoint as ck
 from qapollo.checkpoint import CheckpointError, IncompatibleCheckpoint
 from qapollo.config import load_config
-from qapollo.layerwise import ApolloUpdater
+from qapollo.optim.updaters import ApolloUpdater
 from qapollo.metrics import read_metrics
 from qapollo.train import Trainer
 from tests.helpers import ROOT, make_cfg, run  # noqa: F401
@@ -168,7 +168,7 @@ def _rewrite_model(ckpt, edit):
     path = os.path.join(ckpt, "model.safetensors")
     tensors, meta = read_tensors(path)
     edit(tensors)
-    _fix_manifest(ckpt, "model.safetensors", ck.write_safetensors(path, ck._items(tensors), meta))
+    _fix_manifest(ckpt, "model.safetensors", ck.write_safetensors(path, ck.tensor_items(tensors), meta))
 
 
 def _fix_manifest(ckpt, name, entry):
@@ -197,7 +197,7 @@ def _bad_header(ckpt):
     with open(p, "r+b") as f:
         f.seek(8)
         f.write(b"{garbage")
-    _fix_manifest(ckpt, "model.safetensors", {"bytes": os.path.getsize(p), "crc32": ck._crc32(p)})
+    _fix_manifest(ckpt, "model.safetensors", {"bytes": os.path.getsize(p), "crc32": ck.file_crc32(p)})
 
 
 BREAKERS = {

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from qapollo.config import load_config, stable_lrs
+from qapollo.config import load_config
+from qapollo.optim.schedule import stable_lrs
 from tests.helpers import ROOT
 
 PRETRAIN = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -44,3 +45,13 @@ def test_recipe_note_for_an_unstable_lr(capsys, tmp_path):
     tr._note_lr()  # 2.4x the recipe's lr but 1.8x the largest stable one: no note
     out = capsys.readouterr()
     assert "note" not in out.out + out.err
+
+
+def test_retired_key_is_read_and_ignored(capsys):
+    """train.compile never had an effect and is gone; configs holding it (old YAML files, the config.yaml of
+    older checkpoints: tests/data/legacy) still load."""
+    from qapollo.config import config_from_dict
+    cfg = load_config(None, ["train.compile=true"])
+    assert "train.compile (in the command line) is no longer a setting and is ignored" in capsys.readouterr().err
+    assert not hasattr(cfg.train, "compile") and "compile" not in cfg.to_dict()["train"]
+    assert config_from_dict({"train": {"compile": False, "max_steps": 7}}).train.max_steps == 7

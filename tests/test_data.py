@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from qapollo.data import CORPUS_DIR, DataError, build_data, check_vocab  # noqa: E402
+from qapollo.data import CORPUS_DIR, DataError, build_data  # noqa: E402
 from qapollo.textfiles import _txt_documents  # noqa: E402
-from qapollo.tokenizer import load_tokenizer, tokenizer_main, train_tokenizer  # noqa: E402
+from qapollo.tokenizer import check_vocab, load_tokenizer, tokenizer_main, train_tokenizer  # noqa: E402
 
 PARAS = [f"Paragraph number {i} says something about {w}." for i, w in enumerate(["cats", "dogs", "ships", "kings"] * 40)]
 

@@ -24,7 +24,7 @@ from qapollo.data import BlockLoader
 from qapollo.distributed import DistributedError, GradAverager, init, tensor_checksum
 from qapollo.layerwise import LayerwiseOptimizer
 from qapollo.loss import causal_lm_loss
-from qapollo.memory import predict_peak
+from qapollo.planner import predict_peak
 from qapollo.metrics import read_metrics
 from qapollo.model import build_model, matrix_names
 from tests.helpers import ROOT, make_cfg, run, tiny_config

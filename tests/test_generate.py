@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qapollo.cli import main
-from qapollo.evaluate import load_for_eval
-from qapollo.generate import generate
+from qapollo.inference import load_for_eval
+from qapollo.decode import generate
 from qapollo.metrics import read_metrics
 from tests.helpers import make_cfg, run
 

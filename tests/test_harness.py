@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qapollo.cli import main
-from qapollo.evaluate import load_for_eval
+from qapollo.inference import load_for_eval
 from tests.helpers import ROOT, make_cfg, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +62,7 @@ def test_rolling_loglikelihood_and_generate_until(trained):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from qapollo.generate import generate
+    from qapollo.decode import generate
     from qapollo.harness import make_lm
     model, tok, _, _ = load_for_eval(trained, "cpu", progress=False)
     text = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar."

@@ -16,8 +16,8 @@ from qapollo import quant
 from qapollo.cli import main
 from qapollo.config import load_config
 from qapollo.export import export
-from qapollo.layerwise import ApolloUpdater
-from qapollo.memory import predict_peak
+from qapollo.optim.updaters import ApolloUpdater
+from qapollo.planner import predict_peak
 from qapollo.metrics import read_metrics
 from qapollo.model import int8_modules
 from qapollo.tokenizer import load_tokenizer

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from qapollo.layerwise import LayerwiseOptimizer, UpdateCheckError, lr_at
+from qapollo.layerwise import LayerwiseOptimizer, UpdateCheckError
+from qapollo.optim.schedule import lr_at
 from qapollo.model import build_model, enable_activation_checkpointing, int8_modules
 from tests.helpers import tiny_config
 
@@ -171,14 +172,15 @@ def test_paper_intermediate_sizes_build():
 @pytest.mark.parametrize("kind", ["adam8bit", "adamw"])
 def test_chunked_float_update_equals_whole(kind, monkeypatch):
     """Row-chunked optimizers over views of one tensor give the same result as one optimizer."""
-    from qapollo.layerwise import TorchAdamUpdater
+    from qapollo.optim import updaters
+    from qapollo.optim.updaters import TorchAdamUpdater
     cfg = tiny_config()
     torch.manual_seed(0)
     w0 = torch.randn(96, 128) * 0.02
     grads = [torch.randn(96, 128) for _ in range(3)]
     out = []
     for chunk in (1 << 22, 4096 * 2):  # one chunk vs 64-row chunks (64 + 32 rows)
-        monkeypatch.setattr(TorchAdamUpdater, "CHUNK_ELEMS", chunk)
+        monkeypatch.setattr(updaters, "FLOAT_CHUNK_ELEMS", chunk)
         p = torch.nn.Parameter(w0.clone())
         u = TorchAdamUpdater("w", p, kind, cfg.optim, 0.0)
         assert len(u.chunks) == (1 if chunk > 96 * 128 else 2)

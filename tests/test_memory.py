@@ -4,7 +4,8 @@ import torch
 
 from qapollo.config import load_config
 from qapollo.loss import causal_lm_loss
-from qapollo.memory import parse_bytes, plan_main, predict_peak
+from qapollo.plan import parse_bytes, plan_main
+from qapollo.planner import predict_peak
 from qapollo.model import build_model
 from tests.helpers import measured_peak, tiny_config
 

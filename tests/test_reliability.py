@@ -21,7 +21,7 @@ import yaml
 from qapollo import checkpoint as ck
 from qapollo import failures
 from qapollo.cli import main
-from qapollo.layerwise import ApolloUpdater
+from qapollo.optim.updaters import ApolloUpdater
 from qapollo.train import StepFailed, TrainError, Trainer
 from tests.helpers import ROOT, make_cfg, run
 from tests.test_checkpoint import assert_same_checkpoint, losses
@@ -159,7 +159,9 @@ def test_step_failing_in_backward_is_never_saved(corpus, tmp_path, monkeypatch, 
     assert [s for s, _ in ck.list_checkpoints(run_dir)] == [2]
     assert open(os.path.join(run_dir, "latest")).read().strip() == "checkpoint-2"
     before = frozen(run_dir)
-    for save in (tr.save, lambda: ck.save(tr)):
+    direct = lambda: ck.save(tr.run_dir, tr.opt.step_count, tr.states(), config=tr.cfg,  # noqa: E731
+                             incomplete_step=tr.dirty_step)
+    for save in (tr.save, direct):
         with pytest.raises(ck.CheckpointError, match="refusing to save checkpoint-2: step 3 did not complete"):
             save()
     assert frozen(run_dir) == before and not [d for d in os.listdir(run_dir) if d.startswith(".")]
@@ -192,11 +194,11 @@ def test_oom_through_the_cli_is_one_line_exit_2(corpus, tmp_path, monkeypatch, c
 
 def test_oom_advice_names_the_8gb_preset_only_when_it_exists(tmp_path, monkeypatch):
     from tests.helpers import tiny_config
-    fake = SimpleNamespace(cfg=tiny_config(model__activation_checkpointing=True), device=torch.device("cpu"), plan=None)
+    fake = (tiny_config(model__activation_checkpointing=True), torch.device("cpu"))
     monkeypatch.setattr(failures, "PRESET_8GB", str(tmp_path / "llama_7b_8gb.yaml"))
-    assert "8 GB preset" not in failures.oom_advice(fake)
+    assert "8 GB preset" not in failures.oom_advice(*fake)
     (tmp_path / "llama_7b_8gb.yaml").write_text("model: {}\n")
-    advice = failures.oom_advice(fake)
+    advice = failures.oom_advice(*fake)
     assert advice.endswith("; to fit: lower train.batch_size (now 2) or train.seq_len (now 16), or start from the "
                            "8 GB preset configs/llama_7b_8gb.yaml (see `qapollo plan`)")
     assert "activation_checkpointing" not in advice  # already on: not suggested
@@ -232,7 +234,7 @@ def test_full_disk_stops_before_writing_and_keeps_checkpoints(corpus, tmp_path, 
     ck.check_files(ckpt2, ck.read_state(ckpt2))
     # the size estimate covers the real checkpoint, with no more than the stated headroom to spare
     real = sum(f["bytes"] for f in ck.read_state(ckpt2)["files"].values())
-    est = ck.checkpoint_bytes(tr)
+    est = ck.checkpoint_bytes(tr.states())
     assert real <= est <= real + ck.saving.HEADROOM_BYTES
 
 

@@ -20,12 +20,15 @@ free disk space first and refuses a step that did not complete (a half-applied i
 Nothing is pickled: tensors go to safetensors (written here tensor by tensor), the rest to JSON/YAML.
 Stochastic rounding noise is a function of (seed, tensor, step), so step counters are all it needs.
 
+The API takes states, not a trainer: `save(run_dir, step, {"model": ..., "optimizer": ..., "trainer": ...},
+config=...)`; `first_valid(ckpts, cfg, model_state, optimizer_spec)` then `load(ckpt, model)` (model tensors
+and RNG in place; the optimizer's state returned) and the saved record for the trainer to apply.
 Modules: files (the format, safetensors writer), saving, validation, loading.
 """
-from .files import (CKPT_RE, DTYPES, SCHEMA, TENSOR_FILES, CheckpointError, DiskSpaceError,  # noqa: F401
-                    IncompatibleCheckpoint, _crc32, _items, list_checkpoints, open_safetensors, say, write_safetensors)
-from .loading import LOAD_BATCH_BYTES, load, load_model_tensors, load_optimizer, load_rng, resume  # noqa: F401
-from .saving import (check_disk_space, check_output_dir, checkpoint_bytes, optimizer_state, rng_state, save,  # noqa: F401
-                     versions)
-from .validation import (_check_tensor, _files_ok, candidates, check_compatible, check_files, check_tokenizer,  # noqa: F401
-                         is_checkpoint_dir, read_config, read_state, resume_candidates, resume_target, validate)
+from .files import (CKPT_RE, SCHEMA, CheckpointError, DiskSpaceError, IncompatibleCheckpoint,  # noqa: F401
+                    file_crc32, list_checkpoints, open_safetensors, say, tensor_items, write_safetensors)
+from .loading import LOAD_BATCH_BYTES, first_valid, load, load_model_tensors, load_rng, saved_accumulation  # noqa: F401
+from .saving import check_disk_space, check_output_dir, checkpoint_bytes, save, versions  # noqa: F401
+from .validation import (candidates, check_compatible, check_files, check_tensor, files_ok,  # noqa: F401
+                         find_checkpoint, is_checkpoint_dir, read_config, read_state, resume_candidates, resume_target,
+                         validate)

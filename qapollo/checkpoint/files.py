@@ -14,6 +14,8 @@ import zlib
 import numpy as np
 import torch
 
+from ..errors import QapolloError
+
 SCHEMA = 1
 
 
@@ -28,7 +30,7 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng_state.safetensors")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QapolloError, RuntimeError):
     """A checkpoint that cannot be saved, found or loaded; the message names the file and the problem."""
 
 
@@ -79,7 +81,7 @@ def write_safetensors(path: str, items, metadata: dict[str, str]) -> dict:
     return {"bytes": os.path.getsize(path), "crc32": crc}
 
 
-def _items(tensors: dict[str, torch.Tensor]):
+def tensor_items(tensors: dict[str, torch.Tensor]):
     return [(k, tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in tensors.items()]
 
 
@@ -91,7 +93,7 @@ def open_safetensors(path: str):
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def _crc32(path: str) -> int:
+def file_crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -99,7 +101,7 @@ def _crc32(path: str) -> int:
     return crc
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,7 +109,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
         f.flush()

@@ -1,39 +1,31 @@
-"""Loading: the first valid checkpoint of a list into a built trainer, exactly (model, optimizer, RNG, data cursor)."""
+"""Loading: the first valid checkpoint of a list, then its tensors into a built model (exactly: model,
+optimizer state, RNG); what the rest of the run needs comes back as the saved record."""
 from __future__ import annotations
 
 import json
 import os
 import random
-import time
 
 import numpy as np
 import torch
 
 from .files import CheckpointError, IncompatibleCheckpoint, open_safetensors, say
-from .validation import validate
+from .validation import read_config, validate
 
 
-def resume(trainer, ckpts: list[str]) -> str | None:
-    """Load the first valid checkpoint of `ckpts` into the trainer; None (fresh run) when empty."""
-    if not ckpts:
-        trainer.metrics.truncate_after(0)  # a run that crashed before its first checkpoint left lines
-        return None
+def first_valid(ckpts: list[str], cfg, model_state: dict, optimizer_spec: dict) -> tuple[str, dict] | None:
+    """(checkpoint, its trainer_state.json) of the first of `ckpts` that validates against the built
+    model and optimizer (validation.validate), falling back past broken ones with a warning; None when
+    `ckpts` is empty. An intact checkpoint of another shape is an error at once."""
     for i, ckpt in enumerate(ckpts):
         try:
-            state = validate(trainer, ckpt)
+            return ckpt, validate(ckpt, cfg, model_state, optimizer_spec)
         except IncompatibleCheckpoint:
             raise
         except CheckpointError as e:
             if i + 1 == len(ckpts):
                 raise
             say(f"warning: {e}; falling back to {ckpts[i + 1]}")
-            continue
-        t0 = time.perf_counter()
-        load(trainer, ckpt, state)
-        trainer.checkpoint_path = ckpt
-        say(f"resumed from {ckpt} at step {state['global_step']} ({state['tokens_seen']} tokens seen, "
-            f"loaded in {time.perf_counter() - t0:.2f}s)")
-        return ckpt
     return None
 
 
@@ -45,8 +37,8 @@ def load_model_tensors(model, path: str, batch_bytes: int = LOAD_BATCH_BYTES) ->
     """Copy every tensor of `path` into the model, reopening the file every `batch_bytes`.
 
     safe_open memory-maps the file and the pages read stay in the process's RSS until it is closed: one
-    open for a 7B checkpoint (6.9 GB) would add the whole file on top of the model (13.96 GiB peak RSS
-    measured). Closing it every 512 MiB keeps that to one batch.
+    open for a 7B checkpoint (6.9 GB) would add the whole file on top of the model. Closing it every
+    512 MiB keeps that to one batch.
     """
     items = list(model.state_dict().items())
     i = 0
@@ -61,69 +53,31 @@ def load_model_tensors(model, path: str, batch_bytes: int = LOAD_BATCH_BYTES) ->
 
 
 @torch.no_grad()
-def load(trainer, ckpt: str, state: dict) -> None:
-    """Put a validated checkpoint's state into the trainer (model and optimizer in place)."""
-    trainer.data.train.load_state_dict(state["data_cursor"])  # first: raises on other data settings
-    load_model_tensors(trainer.model, os.path.join(ckpt, "model.safetensors"))
-    load_optimizer(trainer.opt, os.path.join(ckpt, "optimizer.safetensors"))
-    check_accumulation(trainer, ckpt, state)
-    trainer.opt.step_count = state["global_step"]
-    trainer.tokens_seen = state["tokens_seen"]
-    trainer.last_eval = state.get("last_eval")
-    if state.get("spike_guard") and hasattr(trainer, "guard"):
-        trainer.guard.load_state_dict(state["spike_guard"])
+def load(ckpt: str, model) -> tuple[dict[str, torch.Tensor], dict]:
+    """A validated checkpoint into the process: the model's tensors (in place) and the RNG states. Returns
+    the optimizer state (tensors keyed `<tensor name>.<key>`, the layout) for the optimizer to load."""
+    load_model_tensors(model, os.path.join(ckpt, "model.safetensors"))
+    optimizer_state = read_optimizer(os.path.join(ckpt, "optimizer.safetensors"))
     load_rng(os.path.join(ckpt, "rng_state.safetensors"))
-    trainer.metrics.truncate_after(state["global_step"])
+    return optimizer_state
 
 
-def accumulation_record(cfg, world_size: int) -> dict:
-    """What a lagged step size and the limiter's reference were measured on (saved in trainer_state.json)."""
-    t = cfg.train
-    return {"accum_mode": t.accum_mode, "grad_accum_steps": t.grad_accum_steps,
-            "tokens_per_step": t.batch_size * t.seq_len * t.grad_accum_steps * world_size}
+def saved_accumulation(ckpt: str, record: dict) -> dict:
+    """The accumulation the checkpoint's optimizer state was measured with (its trainer_state.json record);
+    for checkpoints written before the record was kept, from its config, with tokens_per_step None."""
+    if record.get("accumulation") is not None:
+        return record["accumulation"]
+    saved = read_config(ckpt).train
+    return {"accum_mode": saved.accum_mode, "grad_accum_steps": saved.grad_accum_steps, "tokens_per_step": None}
 
 
-def _lagged(rec: dict) -> bool:
-    return rec["accum_mode"] == "lagged" and rec["grad_accum_steps"] > 1  # lagged with one micro-batch is exact
-
-
-def check_accumulation(trainer, ckpt: str, state: dict) -> None:
-    """A resume with other accumulation settings than the checkpoint's. The lagged step size is dropped
-    when the mode or K changed (the next window measures its own, applied at its last micro-batch: one step
-    of the right size), the limiter's reference too when the tokens per step changed (it measured other
-    steps). Checkpoints written before the record held a per-micro-batch lagged state: both are dropped."""
-    now = accumulation_record(trainer.cfg, trainer.dist.world)
-    then = state.get("accumulation")
-    if then is None:
-        from .validation import read_config
-        saved = read_config(ckpt).train
-        if saved.accum_mode == "lagged" and saved.grad_accum_steps > 1:
-            trainer.opt.forget_accumulation(reference=True)
-        return
-    same_window = _lagged(then) == _lagged(now) and (not _lagged(now) or then["grad_accum_steps"] == now["grad_accum_steps"])
-    same_tokens = then["tokens_per_step"] == now["tokens_per_step"]
-    if same_window and same_tokens:
-        return
-    trainer.opt.forget_accumulation(reference=not same_tokens)
-    say(f"note: {ckpt} was trained with train.accum_mode={then['accum_mode']}, train.grad_accum_steps="
-        f"{then['grad_accum_steps']}, {then['tokens_per_step']} tokens per step; now {now['accum_mode']}, "
-        f"{now['grad_accum_steps']}, {now['tokens_per_step']}: the next step measures its own lagged step size"
-        f"{'' if same_tokens else ' and the norm limiter starts afresh'}")
-
-
-def load_optimizer(opt, path: str) -> None:
-    from ..layerwise import ApolloUpdater
-    from ..optim import apollo
+def read_optimizer(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     with open_safetensors(path) as f:
         layout = json.loads(f.metadata()["layout"])
-        for name, upd in opt.updaters.items():
-            entry = layout[name]
-            # copy=True: get_tensor may map the file, which must not stay mapped (rotation deletes it)
-            t = {k: f.get_tensor(f"{name}.{k}").to(copy=True) for k in entry["tensors"]}
-            if isinstance(upd, ApolloUpdater):
-                apollo.load_state_tensors(upd.state, t)
-                continue
-            upd.load_state_dict(t, entry["scalars"])
+        # copy=True: get_tensor may map the file, which must not stay mapped (rotation deletes it)
+        tensors = {f"{name}.{k}": f.get_tensor(f"{name}.{k}").to(copy=True)
+                   for name, entry in layout.items() for k in entry["tensors"]}
+    return tensors, layout
 
 
 def load_rng(path: str) -> None:

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from .. import testhook
-from .files import (SCHEMA, CheckpointError, DiskSpaceError, _fsync_dir, _items, _write_text, list_checkpoints, say,
-                    write_safetensors)
-from .loading import accumulation_record
-from .validation import _files_ok, resume_target
+from .files import (SCHEMA, CheckpointError, DiskSpaceError, fsync_dir, list_checkpoints, say, tensor_items,
+                    write_safetensors, write_text)
+from .validation import files_ok, resume_target
 
 
 def versions() -> dict:
@@ -30,29 +29,6 @@ def versions() -> dict:
             out[pkg] = "source" if pkg == "qapollo" else None
     out["torch"] = torch.__version__
     return out
-
-
-def optimizer_state(opt) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten every updater's state to `<tensor name>.<key>` tensors + a JSON layout.
-
-    APOLLO: step/seed as int64 0-d tensors, moments, limiter norm, projection (if drawn yet), the lagged
-    mode's scale and projected-gradient buffer (optim/apollo.state_tensors). Float
-    tensors: the raw per-parameter state of their torch or bitsandbytes optimizer (bnb keeps `step`
-    as a Python int: it goes to the layout's `scalars`).
-    """
-    from ..layerwise import ApolloUpdater
-    from ..optim import apollo
-    tensors, layout = {}, {}
-    for name, upd in opt.updaters.items():
-        if isinstance(upd, ApolloUpdater):
-            state, kind, scalars = apollo.state_tensors(upd.state), "apollo", {}
-        else:
-            state, scalars = upd.state_dict()
-            kind = type(upd.chunks[0][2]).__name__
-        for k, v in state.items():
-            tensors[f"{name}.{k}"] = v
-        layout[name] = {"kind": kind, "tensors": sorted(state), "scalars": scalars}
-    return tensors, layout
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -73,34 +49,37 @@ def _meta(kind: str, step: int, **extra) -> dict[str, str]:
             **{k: json.dumps(v) for k, v in extra.items()}}
 
 
-def save(trainer) -> str:
-    """Write checkpoint-<step> atomically and name it in `latest`, then drop checkpoints beyond keep_checkpoints.
+def save(run_dir: str, step: int, states: dict, *, config, tokenizer=None, keep: int = 2,
+         incomplete_step: int | None = None, last_saved: str | None = None) -> str:
+    """Write checkpoint-<step> atomically and name it in `latest`, then drop checkpoints beyond `keep` (<= 0
+    keeps all). Returns its path.
 
-    Refused for a step that did not complete (trainer.dirty_step: some tensors updated, others not) and,
-    before anything is written, when the disk lacks room for it.
+    `states` maps a name to a component's state: "model" {name: tensor}, "optimizer" (tensors, layout) and
+    "trainer" (a JSON-able dict: counters, data cursor, spike guard, ...); the RNG states are taken here.
+    `config` is the run config (saved as config.yaml), `tokenizer` is saved under tokenizer/.
+    Refused for a step that did not complete (`incomplete_step`: some tensors updated, others not) and,
+    before anything is written, when the disk lacks room for it. `last_saved`: the checkpoint this very
+    state was saved to or resumed from (then only `latest` is written again).
     """
-    step, run_dir = trainer.opt.step_count, trainer.run_dir
     name = f"checkpoint-{step}"
-    dirty = getattr(trainer, "dirty_step", None)
-    if dirty is not None:
-        raise CheckpointError(f"refusing to save {name}: step {dirty} did not complete, so the weights and "
-                              f"optimizer states in memory are partly updated")
+    if incomplete_step is not None:
+        raise CheckpointError(f"refusing to save {name}: step {incomplete_step} did not complete, so the weights "
+                              f"and optimizer states in memory are partly updated")
     final = os.path.join(run_dir, name)
     os.makedirs(run_dir, exist_ok=True)
-    done = getattr(trainer, "checkpoint_path", None)
-    if done and os.path.isdir(final) and os.path.samefile(done, final) and _files_ok(final):
+    if last_saved and os.path.isdir(final) and os.path.samefile(last_saved, final) and files_ok(final):
         # This very state was just saved or resumed from (a stop right after a periodic save).
         _write_latest(run_dir, name)
         return final
     for d in os.listdir(run_dir):  # leftovers of a save that crashed: never a valid checkpoint
         if d.startswith(".tmp-checkpoint-") or d.startswith(".old-checkpoint-"):
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
-    check_disk_space(run_dir, name, checkpoint_bytes(trainer))
+    check_disk_space(run_dir, name, checkpoint_bytes(states))
     tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
     os.makedirs(tmp)
     t0 = time.perf_counter()
     try:
-        files = _write_checkpoint(trainer, tmp, step)
+        files = _write_checkpoint(tmp, step, states, config, tokenizer)
         # `latest` first: a crash before the rename leaves it naming a missing folder, and resume falls
         # back to the newest checkpoint that exists (the one before), never to an older one it named.
         _write_latest(run_dir, name)
@@ -112,7 +91,7 @@ def save(trainer) -> str:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)  # atomic; fails rather than overwrite a non-empty folder
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -121,8 +100,7 @@ def save(trainer) -> str:
                                  f"continue with --resume auto") from e
         raise
     testhook.hit("save:rotate", step)
-    _rotate(run_dir, trainer.cfg.train.keep_checkpoints, keep=final)
-    trainer.checkpoint_path = final
+    _rotate(run_dir, keep, keep=final)
     mb = sum(f["bytes"] for f in files.values()) / 2**20
     say(f"saved {final} ({mb:.1f} MiB in {time.perf_counter() - t0:.2f}s)")
     return final
@@ -132,9 +110,9 @@ def save(trainer) -> str:
 HEADROOM_BYTES = 16 << 20  # safetensors headers, JSON/YAML, the tokenizer files (≈ 0.5 MB for 32k)
 
 
-def checkpoint_bytes(trainer) -> int:
-    """Bytes the next checkpoint takes: every model and optimizer tensor, plus headroom for the rest."""
-    tensors = list(trainer.model.state_dict().values()) + list(optimizer_state(trainer.opt)[0].values())
+def checkpoint_bytes(states: dict) -> int:
+    """Bytes the checkpoint of `states` takes: every model and optimizer tensor, plus headroom for the rest."""
+    tensors = list(states["model"].values()) + list(states["optimizer"][0].values())
     return sum(t.numel() * t.element_size() for t in tensors) + HEADROOM_BYTES
 
 
@@ -176,60 +154,47 @@ def kept_note(run_dir: str) -> str:
             else "no checkpoint of this run exists yet")
 
 
-def _write_checkpoint(trainer, tmp: str, step: int) -> dict:
+def _write_checkpoint(tmp: str, step: int, states: dict, config, tokenizer) -> dict:
     from ..config import arch_dict, config_hash
-    cfg, opt = trainer.cfg, trainer.opt
     files = {}
-    model_t = trainer.model.state_dict()
     files["model.safetensors"] = write_safetensors(
-        os.path.join(tmp, "model.safetensors"), _items(model_t), _meta("model", step))
+        os.path.join(tmp, "model.safetensors"), tensor_items(states["model"]), _meta("model", step))
     testhook.hit("save:model", step)
-    opt_t, layout = optimizer_state(opt)
+    opt_t, layout = states["optimizer"]
     files["optimizer.safetensors"] = write_safetensors(
-        os.path.join(tmp, "optimizer.safetensors"), _items(opt_t), _meta("optimizer", step, layout=layout))
+        os.path.join(tmp, "optimizer.safetensors"), tensor_items(opt_t), _meta("optimizer", step, layout=layout))
     rng_t, rng_meta = rng_state()
     files["rng_state.safetensors"] = write_safetensors(
-        os.path.join(tmp, "rng_state.safetensors"), _items(rng_t), _meta("rng", step, **rng_meta))
-    _write_text(os.path.join(tmp, "config.yaml"), cfg.to_yaml())
-    tok = getattr(getattr(trainer, "data", None), "tokenizer", None)
-    if tok is not None:
-        tok.save(os.path.join(tmp, "tokenizer"))
+        os.path.join(tmp, "rng_state.safetensors"), tensor_items(rng_t), _meta("rng", step, **rng_meta))
+    write_text(os.path.join(tmp, "config.yaml"), config.to_yaml())
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(tmp, "tokenizer"))
         for f in os.listdir(os.path.join(tmp, "tokenizer")):
             with open(os.path.join(tmp, "tokenizer", f), "rb+") as fh:
                 os.fsync(fh.fileno())
-    o = cfg.optim
     state = {
         "schema_version": SCHEMA,
         "global_step": step,
-        "max_steps": cfg.train.max_steps,
-        "tokens_seen": trainer.tokens_seen,
-        "lr_schedule": {"position": step, "next_lr": opt.current_lr(), "lr": o.lr, "warmup_steps": o.warmup_steps,
-                        "max_steps": cfg.train.max_steps, "min_lr_ratio": o.min_lr_ratio},
-        "data_cursor": trainer.data.train.state_dict(),
-        "seed": cfg.train.seed,
-        "config_hash": config_hash(cfg),
-        "arch": arch_dict(cfg),
+        **states["trainer"],
+        "config_hash": config_hash(config),
+        "arch": arch_dict(config),
         "versions": versions(),
-        "metrics": {"file": "../metrics.jsonl", "last_step": step},
-        "last_eval": getattr(trainer, "last_eval", None),
-        "spike_guard": trainer.guard.state_dict() if hasattr(trainer, "guard") else None,
-        # what the lagged step size and the limiter's reference were measured on (loading.check_accumulation)
-        "accumulation": accumulation_record(cfg, trainer.dist.world if hasattr(trainer, "dist") else 1),
-        "tokenizer": None if tok is None else {"name": str(tok.name_or_path), "vocab_size": tok.vocab_size,
-                                               "fingerprint": tok.fingerprint()},
+        "tokenizer": None if tokenizer is None else {"name": str(tokenizer.name_or_path),
+                                                     "vocab_size": tokenizer.vocab_size,
+                                                     "fingerprint": tokenizer.fingerprint()},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
-    _write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1) + "\n")
-    _fsync_dir(tmp)
+    write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1) + "\n")
+    fsync_dir(tmp)
     return files
 
 
 def _write_latest(run_dir: str, name: str) -> None:
     tmp = os.path.join(run_dir, f".latest-{os.getpid()}")
-    _write_text(tmp, name + "\n")
+    write_text(tmp, name + "\n")
     os.replace(tmp, os.path.join(run_dir, "latest"))
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def _rotate(run_dir: str, limit: int, keep: str) -> None:

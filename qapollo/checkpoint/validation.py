@@ -6,7 +6,7 @@ import os
 
 import yaml
 
-from .files import (CKPT_RE, DTYPES, SCHEMA, TENSOR_FILES, CheckpointError, IncompatibleCheckpoint, _crc32,
+from .files import (CKPT_RE, DTYPES, SCHEMA, TENSOR_FILES, CheckpointError, IncompatibleCheckpoint, file_crc32,
                     list_checkpoints, open_safetensors, say)
 
 
@@ -25,12 +25,32 @@ def candidates(run_dir: str) -> list[str]:
 
 def resume_target(run_dir: str) -> str | None:
     """The checkpoint `--resume auto` would continue from (first candidate whose files are all there)."""
-    return next((p for p in candidates(run_dir) if _files_ok(p)), None)
+    return next((p for p in candidates(run_dir) if files_ok(p)), None)
 
 
 def is_checkpoint_dir(path: str) -> bool:
     return bool(CKPT_RE.match(os.path.basename(os.path.normpath(path)))) or \
         os.path.exists(os.path.join(path, "trainer_state.json"))
+
+
+def find_checkpoint(spec: str) -> str:
+    """A checkpoint folder as given, or a run dir's newest intact one (falling back past broken ones)."""
+    if not os.path.isdir(spec):
+        raise CheckpointError(f"{spec}: no such checkpoint or run directory")
+    found = [spec] if is_checkpoint_dir(spec) else candidates(spec)
+    if not found:
+        raise CheckpointError(f"{spec}: holds no checkpoint-<step> folder; give checkpoints/<run> or "
+                              f"checkpoints/<run>/checkpoint-<step>")
+    for i, path in enumerate(found):
+        try:
+            check_files(path, read_state(path))
+            read_config(path)
+            return path
+        except CheckpointError as e:
+            if i + 1 == len(found):
+                raise
+            say(f"warning: {e}; falling back to {found[i + 1]}")
+    raise AssertionError("unreachable")
 
 
 def resume_candidates(cfg, run_dir: str) -> list[str]:
@@ -114,32 +134,6 @@ def check_compatible(ckpt: str, saved, cfg) -> None:
             f"match (max_steps, logging and eval may change): set {k}={old[k]} or start a new train.run_name")
 
 
-def check_tokenizer(ckpts: list[str], tok) -> None:
-    """The run to resume was tokenized with this tokenizer: other token ids would silently mean other text.
-
-    Checks the first checkpoint (all of a run share the tokenizer), before any data is tokenized or a
-    model built. Older checkpoints without the fingerprint are compared through their saved tokenizer/.
-    """
-    for ckpt in ckpts[:1]:
-        try:
-            saved = read_state(ckpt).get("tokenizer")
-        except CheckpointError:
-            return  # reported, with fallback, when the checkpoint is validated
-        if saved is None:
-            folder = os.path.join(ckpt, "tokenizer")
-            if not os.path.isdir(folder):
-                return
-            from ..tokenizer import load_tokenizer
-            old = load_tokenizer(folder)
-            saved = {"name": str(old.name_or_path), "vocab_size": old.vocab_size, "fingerprint": old.fingerprint()}
-        if saved.get("fingerprint") != tok.fingerprint():
-            raise IncompatibleCheckpoint(
-                f"cannot resume {ckpt}: it was trained with tokenizer {saved.get('name')!r} (vocab "
-                f"{saved.get('vocab_size')}) but data.tokenizer gives {str(tok.name_or_path)!r} (vocab "
-                f"{tok.vocab_size}), another tokenizer: resume with data.tokenizer={os.path.join(ckpt, 'tokenizer')} "
-                f"(the copy saved with the run) or start a new train.run_name")
-
-
 def check_files(ckpt: str, state: dict, crc: bool = True) -> None:
     """Every file of the manifest exists with its recorded size (and crc32)."""
     for name in TENSOR_FILES:
@@ -152,11 +146,11 @@ def check_files(ckpt: str, state: dict, crc: bool = True) -> None:
         size = os.path.getsize(path)
         if size != info["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or overwritten)")
-        if crc and _crc32(path) != info["crc32"]:
+        if crc and file_crc32(path) != info["crc32"]:
             raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
 
 
-def _files_ok(ckpt: str) -> bool:
+def files_ok(ckpt: str) -> bool:
     try:
         check_files(ckpt, read_state(ckpt), crc=False)
         return True
@@ -173,7 +167,7 @@ def _check_schema(path: str, f, kind: str) -> dict:
     return meta
 
 
-def _check_tensor(path: str, f, key: str, shape, dtype=None) -> None:
+def check_tensor(path: str, f, key: str, shape, dtype=None) -> None:
     if key not in f.keys():
         raise CheckpointError(f"{path}: tensor '{key}' missing")
     sl = f.get_slice(key)
@@ -183,22 +177,21 @@ def _check_tensor(path: str, f, key: str, shape, dtype=None) -> None:
         raise CheckpointError(f"{path}: tensor '{key}' has dtype {sl.get_dtype()}, the model needs {DTYPES[dtype]}")
 
 
-def validate(trainer, ckpt: str) -> dict:
-    """Check a checkpoint against the built model/optimizer without changing anything; its state."""
-    from ..layerwise import ApolloUpdater
-    from ..optim.apollo import REQUIRED_STATE, state_shapes
+def validate(ckpt: str, cfg, model_state: dict, optimizer_spec: dict) -> dict:
+    """Check a checkpoint against the run config, the built model's tensors (`model_state`: name → tensor)
+    and the optimizer's state spec ({tensor name: (shapes, required keys)}) without changing anything;
+    returns its trainer_state.json."""
     state = read_state(ckpt)
-    check_compatible(ckpt, read_config(ckpt), trainer.cfg)
+    check_compatible(ckpt, read_config(ckpt), cfg)
     check_files(ckpt, state)
 
     path = os.path.join(ckpt, "model.safetensors")
     with open_safetensors(path) as f:
         _check_schema(path, f, "model")
-        want = trainer.model.state_dict()
-        for k, v in want.items():
+        for k, v in model_state.items():
             # uint8 codes/zeros must match exactly; float tensors may change dtype (bf16 run → fp32 CPU)
-            _check_tensor(path, f, k, v.shape, v.dtype if not v.is_floating_point() else None)
-        extra = sorted(set(f.keys()) - set(want))
+            check_tensor(path, f, k, v.shape, v.dtype if not v.is_floating_point() else None)
+        extra = sorted(set(f.keys()) - set(model_state))
         if extra:
             raise CheckpointError(f"{path}: tensor '{extra[0]}' is not in this model ({len(extra)} unknown)")
 
@@ -209,20 +202,13 @@ def validate(trainer, ckpt: str) -> dict:
             layout = json.loads(meta["layout"])
         except (KeyError, json.JSONDecodeError):
             raise CheckpointError(f"{path}: metadata 'layout' missing or not JSON") from None
-        for name, upd in trainer.opt.updaters.items():
+        for name, (shapes, required) in optimizer_spec.items():
             if name not in layout:
                 raise CheckpointError(f"{path}: no state for tensor '{name}'")
             entry = layout[name]
-            if isinstance(upd, ApolloUpdater):
-                shapes = state_shapes(upd.shape, upd.o.rank, upd.o.scale_type)
-                need = set(REQUIRED_STATE)
-            else:
-                shapes = {f"c{i}.{k}": tuple(view.shape) for i, (_, view, _) in enumerate(upd.chunks)
-                          for k in ("exp_avg", "exp_avg_sq", "state1", "state2")}
-                need = set()
-            missing = sorted(need - set(entry["tensors"]))
+            missing = sorted(set(required) - set(entry["tensors"]))
             if missing:
                 raise CheckpointError(f"{path}: state of '{name}' lacks '{missing[0]}'")
             for k in entry["tensors"]:
-                _check_tensor(path, f, f"{name}.{k}", shapes.get(k))
+                check_tensor(path, f, f"{name}.{k}", shapes.get(k))
     return state

@@ -69,8 +69,13 @@ def init_state(shape: tuple[int, int], rank: int, seed: int, device) -> dict:
 
 def project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
     if projects_right(tuple(grad.shape)):
-        return grad @ proj.to(grad.dtype).T
+        return project_rows(grad, proj)
     return proj.to(grad.dtype).T @ grad
+
+
+def project_rows(rows: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Those rows of R = G Pᵀ (m >= n) that rows of G give: for a gradient given by rows or row slices."""
+    return rows @ proj.to(rows.dtype).T
 
 
 def _moments(state: dict, r: torch.Tensor, beta1: float, beta2: float, commit: bool):
@@ -139,51 +144,44 @@ def _limit(c: torch.Tensor, u_norm: torch.Tensor, prev: torch.Tensor, norm_growt
     return c, torch.where(torch.isfinite(ref), ref, prev)
 
 
-def _limited(c, g_sq, state, norm_growth_limit, limiter_decay) -> torch.Tensor:
+def _limited(c, g_sq, state, norm_growth_limit, limiter_decay) -> tuple[torch.Tensor, torch.Tensor]:
     """Limiter on U = c ⊙ G (given by grad_sq of G), reference updated; then c = 0 where the gradient is
-    not finite. Leaves state['finite'] (a device bool for the caller to take and read later: no host
+    not finite. Returns (c, finite): the flag stays a device bool for the caller to read later (no host
     sync per tensor)."""
     finite = torch.isfinite(g_sq).all()
     c, ref = _limit(c, update_norm(c, g_sq), state["prev_norm"], norm_growth_limit, limiter_decay)
-    state["prev_norm"], state["finite"] = ref.float(), finite
-    return torch.where(finite, c, torch.zeros_like(c))
+    state["prev_norm"] = ref.float()
+    return torch.where(finite, c, torch.zeros_like(c)), finite
 
 
-def _refresh_projection(grad: torch.Tensor, state: dict, rank: int, update_proj_gap: int) -> None:
+def refresh_projection(shape: tuple[int, int], state: dict, rank: int, update_proj_gap: int, device) -> None:
     """Draw P at steps 0, T, 2T, ... (counted before the increment), a new seed each time."""
     if state["proj"] is None or state["step"] % update_proj_gap == 0:
-        state["proj"] = make_projection(tuple(grad.shape), rank, state["seed"], grad.device)
+        state["proj"] = make_projection(shape, rank, state["seed"], device)
         state["seed"] = next_seed(state["seed"])
 
 
 def apollo_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type: str, update_proj_gap: int,
                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
-    """Advance `state` by one step and return c with U = c ⊙ G (limiter applied, √scale not applied).
+                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance `state` by one step and return (c, finite) with U = c ⊙ G (limiter applied, √scale not applied).
 
     c is a 0-d tensor (tensor-wise) or an (m,1) / (1,n) tensor (channel-wise), in the math dtype
     (fp32, or fp64 for fp64 gradients: the tests replay the equations in fp64). A non-finite gradient
-    gives c = 0 (see `finite`), so nothing of it reaches the weight.
+    gives c = 0 and finite = False (a device bool), so nothing of it reaches the weight.
     """
     shape = tuple(grad.shape)
     math_dtype = torch.promote_types(grad.dtype, torch.float32)
-    _refresh_projection(grad, state, rank, update_proj_gap)
+    refresh_projection(shape, state, rank, update_proj_gap, grad.device)
     r = project(grad, state["proj"]).to(math_dtype)
     m, v, t = _moments(state, r, beta1, beta2, commit=True)
     c = _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps)
     return _limited(c, grad_sq(grad, scale_type, math_dtype), state, norm_growth_limit, limiter_decay)
 
 
-def refresh_projection(shape: tuple[int, int], state: dict, rank: int, update_proj_gap: int, device) -> None:
-    """_refresh_projection for a gradient that is never whole (given by slices or rows)."""
-    if state["proj"] is None or state["step"] % update_proj_gap == 0:
-        state["proj"] = make_projection(shape, rank, state["seed"], device)
-        state["seed"] = next_seed(state["seed"])
-
-
 def projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, shape: tuple[int, int],
                          beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                         norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor:
+                         norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """apollo_multiplier (tensor-wise) from what it needs of G: R = project(G) and ‖G‖ (0-d, math dtype).
 
     For a gradient that only exists slice by slice (lm_head inside the loss backward: R's rows are the
@@ -235,8 +233,13 @@ def sketch_matrix(shape: tuple[int, int], state: dict, device) -> torch.Tensor:
 def sketch(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """H = A·G compressing G's larger side: (s, n) when m >= n, else (m, s)."""
     if projects_right(tuple(grad.shape)):
-        return a @ grad.to(a.dtype)
+        return sketch_rows(grad, a)
     return grad.to(a.dtype) @ a.T
+
+
+def sketch_rows(rows: torch.Tensor, a_cols: torch.Tensor) -> torch.Tensor:
+    """A·G (m >= n) restricted to some rows of G: those rows times the matching columns of A."""
+    return a_cols @ rows.to(a_cols.dtype)
 
 
 def _add_micro(state: dict, r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -262,12 +265,11 @@ def _alignment(state: dict) -> torch.Tensor:
 
 def _lagged_micro(r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor, state: dict, *, shape, scale_type: str,
                   window: int, last: bool, beta1: float, beta2: float, eps: float, norm_growth_limit: float,
-                  limiter_decay: float) -> torch.Tensor | None:
-    """One micro-batch of the lagged mode from R = project(G), grad_sq(G) and the sketch H = A·G: c for
+                  limiter_decay: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One micro-batch of the lagged mode from R = project(G), grad_sq(G) and the sketch H = A·G: (c for
     U = c ⊙ G, or None when nothing is to be applied now (a window without a step size, before its last
-    micro-batch)."""
+    micro-batch); the device flag: was G finite)."""
     finite = _add_micro(state, r, g_sq, h)
-    state["finite"] = finite
     if state.get("lag_step") is not None:  # the previous window's step, over this window's predicted ‖ΣG‖
         g_hat = state["g_sq"] * (window / state["r_count"]) * state["lag_align"]
     elif last:  # commit now; this micro-batch carries the whole window's step
@@ -275,19 +277,19 @@ def _lagged_micro(r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor, state: d
                       norm_growth_limit=norm_growth_limit, limiter_decay=limiter_decay)
         g_hat = g_sq
     else:
-        return None
+        return None, finite
     c = torch.where(g_hat > 0, state["lag_step"] / g_hat.sqrt(), torch.zeros_like(g_hat)).to(r.dtype)
-    return torch.where(finite, c, torch.zeros_like(c))
+    return torch.where(finite, c, torch.zeros_like(c)), finite
 
 
 def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type: str, update_proj_gap: int,
                       window: int, last: bool, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0) -> torch.Tensor | None:
+                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0):
     """One micro-batch of a lagged window of `window` micro-batches (`last`: the window's last one): add
-    R(G) to the window's sums and return c for U = c ⊙ G, or None: nothing to apply now (see above)."""
+    R(G) to the window's sums and return (c for U = c ⊙ G, or None: nothing to apply now (see above); finite)."""
     math_dtype = torch.promote_types(grad.dtype, torch.float32)
     if state.get("r_count", 0) == 0:  # first micro-batch of a window: P is fixed for the whole window
-        _refresh_projection(grad, state, rank, update_proj_gap)
+        refresh_projection(tuple(grad.shape), state, rank, update_proj_gap, grad.device)
     r = project(grad, state["proj"]).to(math_dtype)
     h = sketch(grad, sketch_matrix(tuple(grad.shape), state, grad.device))
     return _lagged_micro(r, grad_sq(grad, scale_type, math_dtype), h, state, shape=tuple(grad.shape),
@@ -298,7 +300,7 @@ def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
 def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, h: torch.Tensor, state: dict, *,
                                 shape: tuple[int, int], window: int, last: bool, beta1: float = 0.9,
                                 beta2: float = 0.999, eps: float = 1e-8, norm_growth_limit: float = 1.01,
-                                limiter_decay: float = 0.0) -> torch.Tensor | None:
+                                limiter_decay: float = 0.0):
     """lagged_multiplier (tensor-wise) from R = project(G), ‖G‖ and the sketch h = sketch_matrix(...)·G, each
     summed over G's slices or rows (see projected_multiplier). The caller refreshes the projection at a
     window's first micro-batch (state['r_count'] == 0)."""
