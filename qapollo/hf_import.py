@@ -199,7 +199,7 @@ def check_tokenizer(cfg, path: str) -> None:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def _resumed_config(cfg, run_dir: str):
+def resumed_config(cfg, run_dir: str):
     """The saved config of the checkpoint a resume will load (the first readable candidate), or None."""
     spec = run_dir if cfg.resume == "auto" else cfg.resume
     if not spec or not os.path.isdir(spec):
@@ -222,7 +222,7 @@ def resolve_init_from(cfg, run_dir: str) -> dict | None:
     if not m.init_from:
         return None
     path = os.path.expanduser(m.init_from)
-    saved = _resumed_config(cfg, run_dir)
+    saved = resumed_config(cfg, run_dir)
     if saved is not None:
         explicit = explicit_keys(cfg)  # explicit keys stay: checkpoint.check_compatible names a mismatch
         for k in SHAPE_KEYS:

@@ -39,6 +39,7 @@ from .config import ConfigError
 from .errors import QapolloError
 from .model import Int8Linear, RowGrad, int8_modules, matrix_names, tensor_seed
 from .optim.schedule import lr_at
+from .optim.factored import FactoredUpdater
 from .optim.updaters import ApolloUpdater, TorchAdamUpdater
 
 
@@ -65,6 +66,10 @@ def make_updaters(model: nn.Module, ocfg, seed: int, stochastic_round: bool, lag
         return ApolloUpdater(name, target, ocfg, tensor_seed(seed, "proj:" + name), tensor_seed(seed, "sr:" + name),
                              stochastic, lagged, window)
     for name, mod in int8_modules(model):
+        if name not in mats and ocfg.lean_optim == "factored":  # model.lean_head's embedding / lm_head
+            updaters[name] = FactoredUpdater(name, mod, ocfg, tensor_seed(seed, "sketch:" + name),
+                                             tensor_seed(seed, "sr:" + name), stochastic_round, lagged, window)
+            continue
         updaters[name] = apollo_on(name, mod, stochastic_round)
     for name, p in model.named_parameters():
         if not p.requires_grad:

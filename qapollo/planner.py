@@ -139,13 +139,18 @@ def apollo_state_bytes(cfg, st: Step) -> int:
     o = cfg.optim
     shapes = [(a, b) for _, a, b in st.matrices]
     total = st.layers * sum(4 * o.rank * (2 * max(a, b) + min(a, b)) + 4 for a, b in shapes)
-    if st.lean:  # the same for the (V, h) embedding and lm_head, V >= h
+    factored = st.lean and o.lean_optim == "factored"
+    if factored:  # the (V, h) embedding and lm_head: row and column mean squares and their window sums
+        total += 2 * 4 * 2 * (st.vocab + st.hidden)
+    elif st.lean:  # the same as a matrix's for the (V, h) embedding and lm_head, V >= h
         total += 2 * (4 * o.rank * (2 * st.vocab + st.hidden) + 4)
     if st.lagged:
         per_channel = lambda a, b: 1 if o.scale_type == "tensor" else max(a, b)  # noqa: E731
         total += st.layers * sum(4 * o.rank * max(a, b) + 4 * SKETCH_ROWS * min(a, b) + 4 * per_channel(a, b)
                                  for a, b in shapes)
-        if st.lean:
+        if factored:  # two sketch sums (SKETCH_ROWS·h)
+            total += 2 * 2 * 4 * SKETCH_ROWS * st.hidden
+        elif st.lean:
             total += 2 * (4 * o.rank * st.vocab + 4 * SKETCH_ROWS * st.hidden + 4)
     return total
 

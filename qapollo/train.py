@@ -16,14 +16,14 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed, testhook
-from .config import Config, flat_dict
+from .config import Config, explicit_keys, flat_dict
 from .data import build_data, repeat_note
 from .decode import generate
 from .device import pick_device, set_up_allocator
 from .engine import build, optimizer_step
 from .failures import StepFailed, TrainError, on_step_failure  # noqa: F401 (StepFailed: callers import it from here)
 from .guard import SpikeGuard
-from .hf_import import load_weights, resolve_init_from
+from .hf_import import load_weights, resolve_init_from, resumed_config
 from .loss import causal_lm_loss
 from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require_tensorboard, require_wandb, rss_bytes
 from .model import count_params
@@ -62,6 +62,7 @@ class Trainer:
         if t.wandb:
             require_wandb()
         init_from = resolve_init_from(cfg, self.run_dir)  # model shape from an HF folder (or its checkpoint)
+        self._keep_lean_optim()
         self._plan_memory()
         self._note_lr()
         # before anything is built: refuse a fresh run over checkpoints, or a resume with another shape,
@@ -83,6 +84,15 @@ class Trainer:
                                   wandb=wandb) if self.dist.is_main else NullMetrics()
         self._resume(resume_from)
         self._check_replicas(self.opt.step_count)  # same seed, same checkpoint: identical from the start
+
+    def _keep_lean_optim(self) -> None:
+        """A resume keeps how the lean embedding / lm_head were optimized (optim.lean_optim) unless the config
+        sets it; a set value that differs is refused by the compatibility check."""
+        cfg = self.cfg
+        if cfg.model.lean_head and "optim.lean_optim" not in explicit_keys(cfg):
+            saved = resumed_config(cfg, self.run_dir)
+            if saved is not None:
+                cfg.optim.lean_optim = saved.optim.lean_optim
 
     def _build_data(self, tok) -> None:
         cfg, t = self.cfg, self.cfg.train

@@ -137,7 +137,9 @@ def test_lean_planner_within_10_percent_of_live_meter():
 
 @pytest.mark.parametrize("over,msg", [
     (["model.weight_quant=false", "optim.name=adamw"], "weight_quant"),
-    (["optim.name=apollo", "optim.scale_type=channel", "optim.rank=2"], "apollo_mini"),
+    (["optim.name=apollo", "optim.scale_type=channel", "optim.rank=2", "optim.lean_optim=apollo_mini"],
+     "lean_optim=apollo_mini needs optim.name=apollo_mini"),
+    (["optim.lean_optim=adam"], "lean_optim must be factored or apollo_mini"),
     (["model.tie_word_embeddings=true"], "tie_word_embeddings"),
     (["train.grad_accum_steps=2"], "accum_mode=lagged"),
 ])
@@ -156,10 +158,11 @@ def test_lean_head_refuses_data_parallel_with_one_line():
         plan_main(["--config", "configs/llama_7b_8gb.yaml", "--nproc", "2"])
 
 
-def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
+@pytest.mark.parametrize("lean_optim", ["factored", "apollo_mini"])
+def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard(lean_optim):
     """accum_mode=lagged, 2 micro-batches: embedding and lm_head step on each (the previous step's size), their
     projected gradients commit once per step, and no full gradient of theirs is ever kept."""
-    cfg = lean(train__grad_accum_steps=2, train__accum_mode="lagged")
+    cfg = lean(train__grad_accum_steps=2, train__accum_mode="lagged", optim__lean_optim=lean_optim)
     validate(cfg)
     model = build_model(cfg.model, "cpu", seed=0)
     opt = LayerwiseOptimizer(model, cfg.optim, max_steps=10, seed=0, accum_mode="lagged", grad_accum_steps=2)
@@ -175,8 +178,11 @@ def test_lagged_accumulation_steps_every_micro_batch_and_passes_the_guard():
         opt.end_step(check=step == 0)
         losses.append(loss.item())
         for name in ("lm_head", "model.embed_tokens"):
-            st = opt.updaters[name].state
-            assert st["step"] == step + 1 and st["r_count"] == 0 and st["lag_step"] is not None
+            upd = opt.updaters[name]
+            assert upd.kind == ("factored" if lean_optim == "factored" else "apollo") and upd.lagged
+            st = upd.state
+            assert st["step"] == step + 1
+            assert (st["count"] == 0) if lean_optim == "factored" else (st["r_count"] == 0 and st["lag_step"] is not None)
     assert losses[-1] < losses[0] - 0.5, losses
 
 

@@ -115,7 +115,10 @@ def read_config(ckpt: str):
     path = os.path.join(ckpt, "config.yaml")
     try:
         with open(path) as f:
-            return config_from_dict(yaml.safe_load(f))
+            raw = yaml.safe_load(f)
+        if isinstance(raw, dict) and (raw.get("model") or {}).get("lean_head") and isinstance(raw.get("optim"), dict):
+            raw["optim"].setdefault("lean_optim", "apollo_mini")  # saved before the key existed: APOLLO-Mini
+        return config_from_dict(raw)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (incomplete checkpoint)") from None
     except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:

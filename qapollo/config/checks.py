@@ -62,13 +62,17 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_lean_head(cfg: Config, need) -> None:
-    """model.lean_head: what the int8 embedding / lm_head with APOLLO-Mini supports."""
+    """model.lean_head: what the int8 embedding / lm_head (factored or APOLLO-Mini) support."""
     m, o, t = cfg.model, cfg.optim, cfg.train
     need(m.weight_quant, "model.lean_head=true needs model.weight_quant=true (it stores embedding and lm_head int8 "
                          "like the projections)")
-    need(o.name == "apollo_mini" and o.scale_type == "tensor",
-         "model.lean_head=true needs optim.name=apollo_mini with optim.scale_type=tensor (its slice-by-slice lm_head "
-         "update uses one tensor-wise scale)")
+    need(o.lean_optim in ("factored", "apollo_mini"),
+         f"optim.lean_optim must be factored or apollo_mini, got '{o.lean_optim}'")
+    need(o.name != "adamw", "model.lean_head=true needs an APOLLO optimizer for the matrices (optim.name apollo_mini "
+                            "or apollo)")
+    need(o.lean_optim == "factored" or (o.name == "apollo_mini" and o.scale_type == "tensor"),
+         "optim.lean_optim=apollo_mini needs optim.name=apollo_mini with optim.scale_type=tensor (its slice-by-slice "
+         "lm_head update uses one tensor-wise scale); or use optim.lean_optim=factored")
     need(not m.tie_word_embeddings, "model.lean_head=true needs model.tie_word_embeddings=false")
     need(m.hidden_size % m.group_size == 0,
          f"model.lean_head=true needs model.hidden_size ({m.hidden_size}) divisible by model.group_size "
@@ -79,8 +83,6 @@ def _validate_lean_head(cfg: Config, need) -> None:
     need(t.grad_accum_steps == 1 or t.accum_mode == "lagged",
          "model.lean_head=true with train.grad_accum_steps > 1 needs train.accum_mode=lagged (exact accumulation "
          "would keep lm_head's full gradient, which this option exists to avoid)")
-    need(m.init_from is None, "model.lean_head=true cannot start from model.init_from yet; train from scratch or "
-                              "set model.lean_head=false")
 
 
 def _validate_shape(m: ModelConfig, need) -> None:

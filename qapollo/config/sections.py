@@ -71,6 +71,9 @@ class OptimConfig:
     # optimizer of the float tensors (embeddings, norms, lm_head): adam8bit (bitsandbytes) | adamw (torch)
     float_optim: str = "adam8bit"
     float_lr: float | None = None  # None: same lr as the matrices
+    # model.lean_head's int8 embedding and lm_head (at float_lr): factored second moments, per-element steps as
+    # Adam's (optim/factored.py) | apollo_mini (one tensor-wise scale: +0.5-0.8 nats at 20M; BENCHMARKS.md)
+    lean_optim: str = "factored"
 
 
 @dataclass
@@ -156,7 +159,8 @@ TOP_LEVEL = {"resume"}
 ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers", "model.num_attention_heads",
              "model.num_key_value_heads", "model.vocab_size", "model.weight_quant", "model.group_size",
              "model.tie_word_embeddings", "model.lean_head",
-             "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "train.batch_size", "train.seq_len")
+             "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "optim.lean_optim", "train.batch_size",
+             "train.seq_len")
 
 
 def flat_dict(cfg: Config) -> dict:
