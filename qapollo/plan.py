@@ -94,6 +94,10 @@ def plan_main(argv: list[str]) -> int:
     return 0
 
 
+LEAN_PRESETS = ("configs/llama_7b_8gb.yaml (LLaMA-7B, 8 GB), configs/llama3_8b_12gb.yaml (continued pre-training of a "
+                "Llama-3-8B folder, 12 GB), configs/llama_13b_16gb.yaml (LLaMA-13B, 16 GB)")
+
+
 def lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:
     """When a config does not fit: model.lean_head=true on it, if that is valid and fits; else the 8 GB
     preset (configs/llama_7b_8gb.yaml, batch 1 × 256) when the model has its shape and it fits."""
@@ -109,8 +113,8 @@ def lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:
         validate(lean)
         total = total_of(lean)
         if total <= budget:
-            return (f"with model.lean_head=true (int8 embedding and lm_head with APOLLO-Mini) it fits: {fmt(total)} "
-                    f"incl. context; the LLaMA-7B preset for 8 GB cards is configs/llama_7b_8gb.yaml")
+            return (f"with model.lean_head=true (int8 embedding and lm_head, factored second moments) it fits: "
+                    f"{fmt(total)} incl. context; presets: {LEAN_PRESETS}")
     except ConfigError:
         pass
     if not os.path.exists(PRESET_8GB):
