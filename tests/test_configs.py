@@ -17,6 +17,7 @@ def test_rule_values():
     assert stable_lrs(1024) == (3e-3, 7.5e-4)
     assert stable_lrs(2048) == (1e-3, 2e-4)
     assert stable_lrs(4096) == (7.5e-4, 1.875e-4)
+    assert stable_lrs(5120) == (6e-4, 1.5e-4)  # measured (2-layer probe), no longer extrapolated
     assert stable_lrs(512) == pytest.approx((3e-3, 1.5e-3)) and stable_lrs(768) == pytest.approx((3e-3, 1e-3))
     assert stable_lrs(8192) == pytest.approx((3.75e-4, 9.375e-5))  # beyond the table: 1/width
 
