@@ -17,9 +17,9 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_lr_r
 # are in BENCHMARKS.md, 'Stable learning rates'): APOLLO-Mini matrices, and the float tensors' 8-bit Adam
 STABLE_LR_MATRICES = ((256, 3e-3), (1024, 3e-3), (2048, 1e-3), (4096, 7.5e-4), (5120, 6e-4))
 STABLE_LR_FLOAT = ((256, 3e-3), (1024, 7.5e-4), (2048, 2e-4), (4096, 1.875e-4), (5120, 1.5e-4))
-# the largest peak lrs the probe found stable at each width it ran (above the configs' values at 4096; at 5120
-# only the config's values were run)
-LARGEST_STABLE_MATRICES = ((256, 3e-3), (1024, 3e-3), (2048, 1e-3), (4096, 1e-3), (5120, 6e-4))
+# the largest peak lrs the probe found stable at each width it ran (above the configs' values at 4096 and 5120;
+# at 5120 the float tensors ran only at the config's value)
+LARGEST_STABLE_MATRICES = ((256, 3e-3), (1024, 3e-3), (2048, 1e-3), (4096, 1e-3), (5120, 1e-3))
 LARGEST_STABLE_FLOAT = ((256, 3e-3), (1024, 7.5e-4), (2048, 2e-4), (4096, 1e-3), (5120, 1.5e-4))
 
 
