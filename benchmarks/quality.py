@@ -91,6 +91,7 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
     elif method == "q_apollo_mini_lean":  # model.lean_head: embedding and lm_head int8 + APOLLO-Mini too
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
         m.lean_head = True
+        o.lean_lr = args.lean_lr
     elif method in ("q_apollo_mini", "q_apollo_mini_rtn"):
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
         m.stochastic_round = method == "q_apollo_mini"
@@ -122,7 +123,7 @@ def run_one(cfg: Config, method: str) -> dict:
            "train_loss": res["loss"], "wall_s": round(wall, 1), "optimizer_state_bytes": tr.opt.state_bytes(),
            "weight_bytes": weight_bytes(tr.model), "skips": tr.guard.skips,
            "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-           "float_lr": cfg.optim.float_lr, "run_dir": run_dir}
+           "float_lr": cfg.optim.float_lr, "lean_lr": cfg.optim.lean_lr, "run_dir": run_dir}
     print(json.dumps(row), flush=True)
     return row
 
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     ap.add_argument("--only", nargs="+", default=None, help="run just these methods (at --lr), e.g. apollo_mini_no_limiter")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --only")
+    ap.add_argument("--lean-lr", type=float, default=None,
+                    help="optim.lean_lr of q_apollo_mini_lean (default: the float lr)")
     ap.add_argument("--results-name", default="quality", help="file stem of the results json/png")
     ap.add_argument("--run-root", default="checkpoints/quality")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
         if r["method"] == "adamw":
             r["method"] = "adamw" if r is best else f"adamw_lr{r['lr']:g}"
     setup = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size",
-                                           "seq_len", "eval_tokens", "lr", "float_lr", "vocab")}
+                                           "seq_len", "eval_tokens", "lr", "float_lr", "lean_lr", "vocab")}
     with open(os.path.join(args.out, f"{args.results_name}.json"), "w") as f:
         json.dump({"setup": setup, "machine": machine(), "runs": rows}, f, indent=1)
     curves = {f"{r['method']} (s{r['seed']})": read_metrics(os.path.join(r["run_dir"], "metrics.jsonl"))

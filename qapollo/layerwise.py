@@ -113,6 +113,7 @@ class LayerwiseOptimizer:
         self._handles = []
         self._matrices = mats = matrix_names(model)  # int8 modules and float projection weights
         self.float_lr_scale = (ocfg.float_lr / ocfg.lr) if ocfg.float_lr else 1.0
+        self.lean_lr_scale = (ocfg.lean_lr / ocfg.lr) if ocfg.lean_lr else self.float_lr_scale
         # model.lean_head: the int8 embedding / lm_head (their gradients are never whole: in lagged mode
         # they step on every micro-batch like the matrices; exact accumulation is refused by the config)
         self._lean = {n for n, m in int8_modules(model) if n not in mats}
@@ -190,10 +191,11 @@ class LayerwiseOptimizer:
         self._record(name, upd, changed)
 
     def _lr_of(self, name: str) -> float:
-        """`lr` for the APOLLO matrices; float_lr for embedding, lm_head and norms, whatever steps them (with
-        model.lean_head, APOLLO-Mini on the embedding / lm_head at the matrices' lr diverged at width 4096:
-        BENCHMARKS.md, 'Measurement notes moved from code comments')."""
-        return self.lr if name in self._matrices else self.lr * self.float_lr_scale
+        """`lr` for the APOLLO matrices; float_lr for embedding, lm_head and norms, whatever steps them;
+        model.lean_head's int8 embedding / lm_head take lean_lr when it is set (BENCHMARKS.md, issue 22)."""
+        if name in self._matrices:
+            return self.lr
+        return self.lr * (self.lean_lr_scale if name in self._lean else self.float_lr_scale)
 
     def _record(self, name: str, upd, changed: int) -> None:
         self._flags.append((name, upd.finite_flag()))

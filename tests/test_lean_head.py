@@ -200,3 +200,24 @@ def test_lean_run_evaluates_from_its_checkpoint(corpus, tmp_path, capsys):
                  "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(res["loss"] - ours) < 1.0 and res["loss"] == res["loss"]
+
+
+def test_lean_lr_steps_the_int8_embedding_and_lm_head_and_nothing_else():
+    """optim.lean_lr: the lr of the lean int8 embedding / lm_head only (norms keep float_lr, matrices lr)."""
+    base = lean(optim__lr=1e-3, optim__float_lr=1e-3)
+    _, s1, o1 = run_steps(base, two_phase=False, steps=1)
+    _, s4, o4 = run_steps(lean(optim__lr=1e-3, optim__float_lr=1e-3, optim__lean_lr=4e-3), two_phase=False, steps=1)
+    for k in s1:
+        if not k.startswith(("lm_head", "model.embed_tokens")):
+            assert torch.equal(s1[k], s4[k]), k  # the same step for every other tensor
+    w0 = o1.model.lm_head.dequantized(torch.float32)  # after the step at float_lr ...
+    w4 = o4.model.lm_head.dequantized(torch.float32)  # ... and at 4x that
+    lm0 = build_model(base.model, "cpu", seed=0).lm_head.dequantized(torch.float32)
+    # stochastic rounding moves a weight by one step with probability |update| / step: E|change| ∝ lr
+    ratio = ((w4 - lm0).abs().mean() / (w0 - lm0).abs().mean()).item()
+    assert 3.0 < ratio < 5.0, ratio  # ≈ 1 if lean_lr were ignored
+
+
+def test_lean_lr_needs_lean_head():
+    with pytest.raises(ConfigError, match="optim.lean_lr must be > 0, and needs model.lean_head=true"):
+        validate(tiny_config(optim__lean_lr=1e-3))

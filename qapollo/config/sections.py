@@ -71,6 +71,7 @@ class OptimConfig:
     # optimizer of the float tensors (embeddings, norms, lm_head): adam8bit (bitsandbytes) | adamw (torch)
     float_optim: str = "adam8bit"
     float_lr: float | None = None  # None: same lr as the matrices
+    lean_lr: float | None = None  # model.lean_head's int8 embedding / lm_head; None: float_lr
     # model.lean_head's int8 embedding and lm_head (at float_lr): factored second moments, per-element steps as
     # Adam's (optim/factored.py) | apollo_mini (one tensor-wise scale: +0.5-0.8 nats at 20M; BENCHMARKS.md)
     lean_optim: str = "factored"
