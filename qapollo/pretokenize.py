@@ -10,7 +10,7 @@ tokens), and tokens go to disk as soon as their chunk is done. `Pool.imap` would
 input as fast as it can, so a corpus faster to read than to encode would pile up in memory.
 
 This module imports neither torch nor the rest of qapollo's training code, so a worker starts fast under
-any multiprocessing start method (fork on Linux, spawn on macOS and Windows).
+any multiprocessing start method (forkserver on Linux, spawn on macOS and Windows).
 """
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ def _encode_chunk(docs: list[str]) -> np.ndarray:
     return _worker(docs)
 
 
+def _pool_context():
+    """forkserver where there is one (Linux): workers fork from a clean server process, not from a process
+    that holds torch's threads and locks (forked from the test suite's process after a few hundred tests,
+    the first result took about 60 s instead of 1 s: tests/test_data.py); elsewhere the platform's default."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+
+
 def chunks(docs: Iterable[str], chars: int) -> Iterator[list[str]]:
     """Consecutive runs of documents holding at least `chars` characters (the last one may hold fewer)."""
     batch, n = [], 0
@@ -92,7 +100,7 @@ def encoded_chunks(docs: Iterable[str], tok, dtype, num_proc: int) -> Iterator[n
             yield enc(c)
         return
     # the pool's __exit__ terminates the workers, also when the caller stops early (max_tokens reached)
-    with multiprocessing.get_context().Pool(num_proc, _init_worker, (tok, dtype)) as pool:
+    with _pool_context().Pool(num_proc, _init_worker, (tok, dtype)) as pool:
         pending = deque()
         for c in work:
             pending.append(pool.apply_async(_encode_chunk, (c,)))
