@@ -257,7 +257,7 @@ def _add_micro(state: dict, r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor
     return finite
 
 
-def _alignment(state: dict) -> torch.Tensor:
+def alignment(state: dict) -> torch.Tensor:
     """‖ΣG_i‖² / Σ‖G_i‖² of the window so far, from the sketch (1 when it is empty)."""
     h_sq = state["sk_sq"]
     return torch.where(h_sq > 0, state["sk_sum"].square().sum() / h_sq, torch.ones_like(h_sq))
@@ -323,7 +323,7 @@ def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, windo
     m, v, t = _moments(state, r, beta1, beta2, commit=True)
     c = _scale(r, m, v, t, shape, scale_type, beta1, beta2, eps)
     # as if whole: K·(mean of the used micro-batches); ‖ΣG‖² = Σ‖G_i‖² · align, both ×K/used
-    align = _alignment(state) * k
+    align = alignment(state) * k
     g_window = state["g_sq"] * k * align  # per channel for channel-wise c
     c, ref = _limit(c, update_norm(c, g_window), state["prev_norm"], norm_growth_limit, limiter_decay)
     if used == window or state.get("lag_align") is None:  # a window with skips cannot measure the alignment

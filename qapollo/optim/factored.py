@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from .apollo import SKETCH_ROWS, alignment, sketch_rows  # the lagged windows' sketch, as the matrices keep it
+
 TINY = 1e-30
 CLIP_RMS = 1.0
-SKETCH_ROWS = 16
 
 
 def init_state(shape: tuple[int, int], device) -> dict:
@@ -62,7 +63,7 @@ def add_rows(state: dict, rows, g: torch.Tensor, sketch: torch.Tensor | None = N
     state["col_acc"] += col
     state["g_micro"] += col.sum()
     if sketch is not None:
-        state["sk_micro"] += sketch[:, rows] @ g
+        state["sk_micro"] += sketch_rows(g, sketch[:, rows])
 
 
 def end_micro(state: dict) -> None:
@@ -80,8 +81,7 @@ def window_scale(state: dict, window: int) -> torch.Tensor:
     """(ΣG)² / Σ_i G_i² of a lagged window as if whole: the sketch's alignment × (K/used)² (a window with
     skipped micro-batches stands for the mean of those used, as in exact mode)."""
     k = window / max(1, state["count"])
-    align = torch.where(state["sk_sq"] > 0, state["sk_sum"].square().sum() / state["sk_sq"], torch.ones(()))
-    return align * k * k
+    return alignment(state) * k * k
 
 
 def commit(state: dict, beta2: float, scale: float | torch.Tensor = 1.0) -> None:
