@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handling (tokenizing, eval, export)
+        if debug:
+            raise
+        print(f"error: interrupted: {cmd} stopped (Ctrl-C)", file=sys.stderr)
+        return 130  # what shells report for SIGINT
     return 2
 
 

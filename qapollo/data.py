@@ -20,7 +20,7 @@ or uint32 arrays, memory-mapped; `meta.json`), built in a temp folder and rename
 crash never leaves half a cache. The key hashes the source (paths + sizes + mtimes, or dataset
 name/config/split), the tokenizer file and the settings; the next run with the same key starts at once.
 
-Tokenizing uses data.num_proc processes (default: one per core) with a progress bar in tokens/s, and
+Tokenizing uses data.num_proc threads (default: one per core) with a progress bar in tokens/s, and
 gives the same cache for any num_proc (pretokenize.py). A list of {path, weight} mappings in data.path is
 a weighted mixture of sources, each with its own cache (mixture.py).
 
@@ -310,7 +310,7 @@ def _load_source(cfg, tok: Tokenizer, seq_len: int, eval_tokens: int, hold_block
         log.info("token cache hit: %s", final)
     else:
         num_proc = getattr(cfg, "num_proc", None) or default_num_proc()
-        log.info("tokenizing %s with %s into %s (%d processes)", src.desc, tok.name_or_path, final, num_proc)
+        log.info("tokenizing %s with %s into %s (%d threads)", src.desc, tok.name_or_path, final, num_proc)
         meta, hit = _build_cache(src, tok, final, max_tokens, val_cap, num_proc), False
     build_s = 0.0 if hit else time.time() - t0
     train = _memmap(os.path.join(final, "train.bin"), meta["dtype"], meta["n_train"])

@@ -36,7 +36,7 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        """num_threads: the backend's threads for this call (None: its default); tokenizing workers use 1."""
+        """num_threads: the backend's native threads for this call (None: its default)."""
         raise NotImplementedError
 
     def decode(self, ids) -> str:
@@ -65,9 +65,6 @@ class SentencePieceTokenizer(Tokenizer):
         if self.eos_id < 0:
             raise ValueError(f"{model_file}: sentencepiece model has no EOS piece; retrain it with eos_id set")
         self.num_threads = min(4, os.cpu_count() or 1)
-
-    def __reduce__(self):  # a copy for a tokenizing worker process: reload the model file there
-        return SentencePieceTokenizer, (self.model_file, self.name_or_path)
 
     def encode_batch(self, texts, num_threads=None):
         return self.sp.encode(list(texts), num_threads=num_threads or self.num_threads)
@@ -104,9 +101,6 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else -1
         if self.eos_id is None:
             raise ValueError(f"tokenizer {spec!r} has no eos_token; qapollo needs one to separate documents")
-
-    def __reduce__(self):  # a copy for a tokenizing worker process: reload it there
-        return HFTokenizer, (self.name_or_path,)
 
     def encode_batch(self, texts, num_threads=None):  # the fast tokenizer's threads: TOKENIZERS_PARALLELISM
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from qapollo.data import CORPUS_DIR, DataError, build_data  # noqa: E402
 from qapollo.textfiles import _txt_documents  # noqa: E402
 from qapollo.tokenizer import check_vocab, load_tokenizer, tokenizer_main, train_tokenizer  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 
 PARAS = [f"Paragraph number {i} says something about {w}." for i, w in enumerate(["cats", "dogs", "ships", "kings"] * 40)]
 
@@ -226,9 +227,9 @@ def test_train_tokenizer_cli(tmp_path, txt):
 
 
 def test_cache_is_identical_for_any_num_proc(tmp_path, monkeypatch, tok):
-    """Several workers encode chunks of documents; the file must not depend on how many (nor the cap's cut)."""
+    """Several threads encode chunks of documents; the file must not depend on how many (nor the cap's cut)."""
     import qapollo.pretokenize as pt
-    monkeypatch.setattr(pt, "CHUNK_CHARS", 700)  # ~11 chunks of PARAS per file: the pool really runs
+    monkeypatch.setattr(pt, "CHUNK_CHARS", 700)  # ~11 chunks of PARAS per file: chunks overlap
     _write_formats(tmp_path)
     path = f"{tmp_path}/a.jsonl,{tmp_path}/c.txt.xz"
     n_tokens = 2 * sum(len(tok.encode(p)) + 2 for p in PARAS)
@@ -245,37 +246,35 @@ def test_cache_is_identical_for_any_num_proc(tmp_path, monkeypatch, tok):
     assert meta1["n_train"] == n_tokens
     for n in (2, 3):
         assert cache(n) == (one, meta1)
-    cut, meta_cut = cache(3, max_tokens=n_tokens // 2 + 5)  # stops inside a chunk, workers still busy
+    cut, meta_cut = cache(3, max_tokens=n_tokens // 2 + 5)  # stops inside a chunk, the next one in flight
     assert meta_cut["n_train"] == n_tokens // 2 + 5 and cut == one[: len(cut)]
     with pytest.raises(Exception, match="num_proc"):
         from qapollo.config import load_config
         load_config(None, ["data.num_proc=0"])
 
 
-def test_workers_end_when_max_tokens_cuts_the_build_short(tmp_path):
-    """A pool stopped early must end its workers even when they inherited a flag-only SIGTERM handler (what
-    Trainer.fit installs): else a worker blocked writing a large result to its pipe never exits."""
-    import multiprocessing
-    import signal
+def test_build_from_a_script_on_stdin_finishes(tmp_path):
+    """A build started from `python -` (also `python -c`, a notebook: no main file) with several tokenizing
+    threads finishes, and a capped build stops early. A process pool re-imported `<stdin>` in each worker
+    and hung forever."""
+    import subprocess
+    import sys
     big = tmp_path / "big.txt"
-    big.write_text(("\n\n".join(PARAS) + "\n\n") * 600)  # ~4 chunks of 1 MiB: ~0.5 MB of tokens per result
-    caught = []
-
-    def hung(*_):
-        for p in multiprocessing.active_children():  # fail, rather than hang the suite on the stuck worker
-            p.kill()
-        pytest.fail("the capped build did not finish: a worker outlived Pool.terminate()")  # not an OSError:
-        # multiprocessing's waitpid loop would swallow a TimeoutError
-    old_term, old_alarm = signal.signal(signal.SIGTERM, lambda *_: caught.append(1)), signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
-        d = build_data(cfg(tmp_path, path=str(big), num_proc=2, max_tokens=5000), seq_len=16, batch_size=2,
-                       eval_tokens=16)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old_alarm)
-        signal.signal(signal.SIGTERM, old_term)
-    assert d.info["n_train_tokens"] + d.info["n_val_tokens"] == 5000 and not caught
+    big.write_text(("\n\n".join(PARAS) + "\n\n") * 600)  # ~4 chunks of 1 MiB
+    script = f"""
+from types import SimpleNamespace
+from qapollo.data import build_data
+base = dict(dataset=None, config=None, split="train", streaming=False, tokenizer=None, text_field="text")
+for cap in (None, 5000):
+    c = SimpleNamespace(**base, path={str(big)!r}, num_proc=2, max_tokens=cap, cache_dir={str(tmp_path)!r} + f"/c{{cap}}")
+    d = build_data(c, seq_len=16, batch_size=2, eval_tokens=16)
+    print("built", d.info["n_train_tokens"] + d.info["n_val_tokens"])
+"""
+    out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    built = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("built")]
+    assert len(built) == 2 and built[0] > 100_000 and built[1] == 5000, out.stdout
 
 
 def test_repeat_note_names_the_passes():
@@ -288,3 +287,29 @@ def test_repeat_note_names_the_passes():
     mix = {"sources": [{"source": "files big", "weight": 0.9, "n_train_tokens": 10**9},
                        {"source": "files small", "weight": 0.1, "n_train_tokens": 10**6}]}
     assert "files small (weight 0.1 of the mixture) about 492 times" in repeat_note(mix, 32_768, 150_000)
+
+
+def test_ctrl_c_during_the_first_tokenization_is_one_line(tmp_path):
+    """Ctrl-C while `qapollo train` builds its token cache: one `error:` line, exit 130, no cache left
+    half-written (the next run builds it again from scratch)."""
+    import signal
+    import subprocess
+    import sys
+    big = tmp_path / "big.txt"
+    big.write_text(("\n\n".join(PARAS) + "\n\n") * 6000)  # ~40 MB: several seconds to tokenize
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "qapollo.cli", "train", "--config", os.path.join(ROOT, "configs", "llama_20m.yaml"),
+           f"data.path={big}", f"data.cache_dir={cache}", f"train.output_dir={tmp_path / 'runs'}", "data.num_proc=1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    seen = []
+    for line in p.stderr:  # the log line before the build; then the build runs for seconds
+        seen.append(line)
+        if "tokenizing" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, rest = p.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), err[-2000:]
+    assert not list(cache.glob("**/meta.json")) and not list(cache.glob("**/*.tmp-*")), list(cache.rglob("*"))

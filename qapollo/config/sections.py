@@ -123,7 +123,7 @@ class DataConfig:
     max_tokens: int | None = None  # cap on tokens taken from the source (streaming datasets)
     tokenizer: str | None = None  # None: the shipped 32k LLaMA-layout sentencepiece model
     cache_dir: str | None = None
-    num_proc: int | None = None  # processes that tokenize a new source; None: one per core (os.cpu_count())
+    num_proc: int | None = None  # threads that tokenize a new source; None: one per core (os.cpu_count())
 
 
 @dataclass
