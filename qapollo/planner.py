@@ -148,8 +148,8 @@ def apollo_state_bytes(cfg, st: Step) -> int:
         per_channel = lambda a, b: 1 if o.scale_type == "tensor" else max(a, b)  # noqa: E731
         total += st.layers * sum(4 * o.rank * max(a, b) + 4 * SKETCH_ROWS * min(a, b) + 4 * per_channel(a, b)
                                  for a, b in shapes)
-        if factored:  # two sketch sums (SKETCH_ROWS·h)
-            total += 2 * 2 * 4 * SKETCH_ROWS * st.hidden
+        if factored:  # two sketch sums (SKETCH_ROWS·h); per row a sketch sum (SKETCH_ROWS) and 4 sums
+            total += 2 * 2 * 4 * SKETCH_ROWS * st.hidden + 2 * 4 * (SKETCH_ROWS + 4) * st.vocab
         elif st.lean:
             total += 2 * (4 * o.rank * st.vocab + 4 * SKETCH_ROWS * st.hidden + 4)
     return total
