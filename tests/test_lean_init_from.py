@@ -69,7 +69,9 @@ def test_a_tied_folder_trains_lean_and_exports_tied(corpus, val_text, tmp_path, 
                                 "model.intermediate_size=256", "model.num_hidden_layers=1",
                                 "model.num_attention_heads=4"])
     tied_plan, untied_plan = predict_peak(tr.cfg, "cpu"), predict_peak(untied, "cpu")
-    assert untied_plan["components"]["int8_codes"] - tied_plan["components"]["int8_codes"] == conf.vocab_size * conf.hidden_size
+    one, other = tied_plan["components"], untied_plan["components"]
+    assert other["int8_codes"] - one["int8_codes"] == conf.vocab_size * conf.hidden_size
+    assert other["apollo_states"] - one["apollo_states"] == 4 * 2 * (conf.vocab_size + conf.hidden_size)  # factored
     tr.fit()
     assert main(["export", os.path.join(tmp_path, "tiedrun"), str(tmp_path / "out")]) == 0
     saved = json.load(open(tmp_path / "out" / "config.json"))
