@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import QapolloError
-from .model import Int8Linear, RowGrad, int8_modules, matrix_names, tensor_seed
+from .model import Int8Linear, RowGrad, TiedGrad, int8_modules, matrix_names, tensor_seed, tied_int8
 from .optim.schedule import lr_at
 from .optim.factored import FactoredUpdater
 from .optim.updaters import ApolloUpdater, TorchAdamUpdater
@@ -123,6 +123,15 @@ class LayerwiseOptimizer:
         self.updaters = make_updaters(model, ocfg, seed, stochastic_round, self.lagged, grad_accum_steps)
         # tensors that step on every micro-batch (lagged mode); all others step once per optimizer step
         self._every_micro = {n for n, u in self.updaters.items() if u.lagged}
+        # model.lean_head with tied embeddings: one int8 tensor, two gradients in each backward. lm_head's
+        # comes first, from the loss, slice by slice; the embedding's rows at the end of backward. Two
+        # updates (two commits of the factored mean squares, two clips) would not be the optimizer's step
+        # on their sum, and lm_head's gradient cannot be kept whole (what lean_head avoids). So lm_head's
+        # part waits as its recipe (loss.HeadGradSlices keeps the hidden states, tokens × h, not the V × h
+        # gradient) until the rows arrive; then the sum goes through the updater once, slice by slice with
+        # the rows added (model.TiedGrad): the exact step on the summed gradient, for one more
+        # recomputation of lm_head's slices.
+        self._tied, self._head_part = tied_int8(model), None
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -145,11 +154,14 @@ class LayerwiseOptimizer:
         return self.hooks_enabled or name in self._every_micro
 
     def _int8_hook(self, mod: Int8Linear, grad: torch.Tensor) -> None:
-        if mod.weight_grad is not None:  # earlier micro-batches of this step (exact mode)
-            grad = grad + mod.weight_grad
+        if mod.weight_grad is not None:  # earlier micro-batches of this step (exact mode), or the tied lm_head's
+            grad = _plus(grad, mod.weight_grad)
             mod.weight_grad = None
         if not self._steps_now(mod.param_name):
             mod.weight_grad = grad
+            return
+        if mod.param_name == self._tied and not isinstance(grad, RowGrad):  # a whole lm_head gradient (HF's loss)
+            self._head_part = grad if self._head_part is None else grad + self._head_part
             return
         self._run(mod.param_name, grad)
 
@@ -159,6 +171,9 @@ class LayerwiseOptimizer:
         name = mod.param_name
         if not self._steps_now(name) or mod.weight_grad is not None or self.reducer is not None:
             self._int8_hook(mod, src.full())
+            return
+        if name == self._tied:  # waits for the embedding's rows (see __init__)
+            self._head_part = src
             return
         upd = self.updaters[name]
         changed = upd.step_slices(src, self._lr_of(name), self.count_changes, last=self.hooks_enabled)
@@ -184,6 +199,15 @@ class LayerwiseOptimizer:
         if self._grad_scale != 1.0 and name not in self._every_micro:
             grad = grad * self._grad_scale  # the step's mean over the micro-batches the guard let through
         upd, lr = self.updaters[name], self._lr_of(name)
+        part = self._head_part if name == self._tied else None
+        if part is not None:  # the tied embedding / lm_head: both gradients in one step (see __init__)
+            self._head_part = None
+            if torch.is_tensor(part):
+                grad = _plus(part, grad)
+            else:
+                changed = upd.step_slices(TiedGrad(part, grad), lr, self.count_changes, last=self.hooks_enabled)
+                self._record(name, upd, changed)
+                return
         if isinstance(grad, RowGrad):  # the int8 embedding (model.lean_head): the batch's rows only
             changed = upd.step_rows(grad.rows, grad.values, lr, self.count_changes, last=self.hooks_enabled)
         else:
@@ -274,6 +298,7 @@ class LayerwiseOptimizer:
         self.hooks_enabled = last_micro
         self.count_changes = check
         self._flags = []
+        self._head_part = None
         # the loss of every micro-batch is divided by K; when the spike guard skipped some, the once-per-step
         # tensors step on the mean of those used, as the lagged windows commit it (apollo.lagged_commit)
         self._grad_scale = self._mean_scale(self._micro_done + 1) if last_micro else 1.0
@@ -349,3 +374,10 @@ class LayerwiseOptimizer:
             if name in self.updaters and p.grad is not None:
                 g, p.grad = p.grad, None
                 self._run(name, g)
+
+
+def _plus(a, b):
+    """The sum of two gradients of one tensor, dense or model.RowGrad (a dense one makes the sum dense)."""
+    if isinstance(a, RowGrad) and isinstance(b, RowGrad):
+        return a + b
+    return (a.dense() if isinstance(a, RowGrad) else a) + (b.dense() if isinstance(b, RowGrad) else b)

@@ -185,6 +185,26 @@ def coalesce(rows: torch.Tensor, values: torch.Tensor, shape) -> RowGrad:
     return RowGrad(uniq, out.index_add_(0, inv, values.float()), shape)
 
 
+class TiedGrad:
+    """The gradient of one int8 tensor that is both embedding and lm_head (model.lean_head, tied): lm_head's
+    slices (`head`: loss.HeadGradSlices) with the embedding's rows (a RowGrad) added to the slices they fall
+    in, fp32. `each` and `full` as HeadGradSlices'; the (V, h) sum never exists whole."""
+
+    def __init__(self, head, rows: RowGrad):
+        self.head, self.rows, self.shape = head, rows, head.shape
+
+    def each(self, fn) -> None:
+        r, values = self.rows.rows, self.rows.values.float()
+
+        def plus(sl, g):
+            inside = ((r >= sl.start) & (r < sl.stop))[:, None]  # no host sync: rows outside add zeros
+            fn(sl, g.float().index_add_(0, (r - sl.start).clamp(0, sl.stop - sl.start - 1), values * inside))
+        self.head.each(plus)
+
+    def full(self) -> torch.Tensor:
+        return self.head.full().float().index_add_(0, self.rows.rows, self.rows.values.float())
+
+
 class _Int8EmbeddingFn(torch.autograd.Function):
     """Lookup of int8 rows; backward hands the module a RowGrad (the batch's rows only, summed in fp32):
     the dense (vocab, hidden) gradient never exists."""
@@ -214,6 +234,8 @@ class Int8Embedding(Int8Linear):
         self.out_dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.is_floating_point():  # hidden states: the tied lm_head (model.lean_head, tie_word_embeddings)
+            return super().forward(ids)
         return _Int8EmbeddingFn.apply(ids, self.anchor_on(ids.device), self)
 
     def extra_repr(self) -> str:
@@ -279,10 +301,17 @@ def quantize_(model: LlamaForCausalLM, mcfg) -> LlamaForCausalLM:
 
 
 def _make_head_int8(model: nn.Module, mcfg, dtype: torch.dtype) -> None:
-    """model.lean_head: embedding and lm_head as int8 modules (on meta, like the projections)."""
+    """model.lean_head: embedding and lm_head as int8 modules (on meta, like the projections); tied, one
+    module is both (its forward on hidden states is lm_head's), listed once by int8_modules."""
     v, h = mcfg.vocab_size, mcfg.hidden_size
     model.model.embed_tokens = Int8Embedding(v, h, mcfg.group_size, "meta", dtype)
-    model.lm_head = Int8Linear(h, v, mcfg.group_size, "meta")
+    model.lm_head = model.model.embed_tokens if mcfg.tie_word_embeddings else Int8Linear(h, v, mcfg.group_size, "meta")
+
+
+def tied_int8(model: nn.Module) -> str | None:
+    """The name of the one int8 module that is both embedding and lm_head, or None."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return "model.embed_tokens" if isinstance(emb, Int8Linear) and getattr(model, "lm_head", None) is emb else None
 
 
 @torch.no_grad()
@@ -300,7 +329,7 @@ def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: b
         if mcfg.lean_head:
             _make_head_int8(model, mcfg, dtype)
     model.to_empty(device=device)  # allocates, does not initialise: done below, tensor by tensor
-    if mcfg.tie_word_embeddings:  # to_empty gives lm_head a tensor of its own: share the embedding again
+    if mcfg.tie_word_embeddings and not mcfg.lean_head:  # to_empty gave lm_head a tensor of its own: share again
         model.lm_head.weight = model.model.embed_tokens.weight
     use_fused = fused.resolve(mcfg.fused_update, device) if mcfg.weight_quant else False
     for name, mod in int8_modules(model):

@@ -132,6 +132,11 @@ def float_tensors(st: Step) -> list[int]:
     return [st.vh] * (1 if st.tied else 2) + [st.hidden] * (2 * st.layers + 1)
 
 
+def lean_tensors(st: Step) -> int:
+    """The int8 (V, h) tensors of model.lean_head: embedding and lm_head, or the one tensor that is both."""
+    return 0 if not st.lean else (1 if st.tied else 2)
+
+
 def apollo_state_bytes(cfg, st: Step) -> int:
     """M and V (fp32, max(m,n)·rank each) + the projection (fp32, min(m,n)·rank) + the limiter's norm; the
     lagged mode adds the window's ΣR (max(m,n)·rank), its sketch's sum (SKETCH_ROWS·min(m,n)) and the step
@@ -140,18 +145,19 @@ def apollo_state_bytes(cfg, st: Step) -> int:
     shapes = [(a, b) for _, a, b in st.matrices]
     total = st.layers * sum(4 * o.rank * (2 * max(a, b) + min(a, b)) + 4 for a, b in shapes)
     factored = st.lean and o.lean_optim == "factored"
+    heads = lean_tensors(st)
     if factored:  # the (V, h) embedding and lm_head: row and column mean squares and their window sums
-        total += 2 * 4 * 2 * (st.vocab + st.hidden)
+        total += heads * 4 * 2 * (st.vocab + st.hidden)
     elif st.lean:  # the same as a matrix's for the (V, h) embedding and lm_head, V >= h
-        total += 2 * (4 * o.rank * (2 * st.vocab + st.hidden) + 4)
+        total += heads * (4 * o.rank * (2 * st.vocab + st.hidden) + 4)
     if st.lagged:
         per_channel = lambda a, b: 1 if o.scale_type == "tensor" else max(a, b)  # noqa: E731
         total += st.layers * sum(4 * o.rank * max(a, b) + 4 * SKETCH_ROWS * min(a, b) + 4 * per_channel(a, b)
                                  for a, b in shapes)
-        if factored:  # two sketch sums (SKETCH_ROWS·h)
-            total += 2 * 2 * 4 * SKETCH_ROWS * st.hidden
+        if factored:  # two sketch sums (SKETCH_ROWS·h); per row a sketch sum (SKETCH_ROWS) and 4 sums
+            total += heads * (2 * 4 * SKETCH_ROWS * st.hidden + 4 * (SKETCH_ROWS + 4) * st.vocab)
         elif st.lean:
-            total += 2 * (4 * o.rank * st.vocab + 4 * SKETCH_ROWS * st.hidden + 4)
+            total += heads * (4 * o.rank * st.vocab + 4 * SKETCH_ROWS * st.hidden + 4)
     return total
 
 
@@ -161,7 +167,7 @@ def persistent_bytes(cfg, st: Step, float_states: list[tuple[int, int]]) -> dict
     floats, s = float_tensors(st), st.s
     c: dict[str, int] = {}
     if m.weight_quant:
-        int8_elems = st.matrix_elems + (2 * st.vh if st.lean else 0)
+        int8_elems = st.matrix_elems + lean_tensors(st) * st.vh
         groups = int8_elems // m.group_size
         c["int8_codes"], c["int8_scales"], c["int8_zeros"] = int8_elems, 4 * groups, groups
     else:
@@ -240,15 +246,16 @@ def grad_then_update(st: Step, transient: int) -> int:
     return max(st.s * st.vh, transient) if st.accumulates else st.s * st.vh + transient
 
 
-def lean_head_slice_bytes(st: Step) -> int:
+def lean_head_slice_bytes(st: Step, update: bool = True) -> int:
     """Transients of one lm_head slice in the lean head's backward, two moments that do not overlap: its
     dequantized rows with the slice's softmax gradient (fp32 and its s-byte cast) and the hidden gradient's
-    product; then the slice's gradient with the eager int8 update's row-chunk buffers."""
+    product; then (update=True; tied, the update waits for the embedding's phase) the slice's gradient with
+    the eager int8 update's row-chunk buffers."""
     s, n, h = st.s, st.tokens, st.hidden
     rows = head_slice_rows(n, st.vocab, h)
     _, update, _ = int8_transients(s, rows * h, st.device_type, fused=False)
     logits = s * rows * h + (4 + (s if s != 4 else 0)) * n * rows + (s * n * h if s != 4 else 0)
-    return max(logits, update)
+    return max(logits, update) if update else logits
 
 
 def head_phases(st: Step, acts: int, head_update: int, embed_state: int) -> dict[str, int]:
@@ -256,7 +263,7 @@ def head_phases(st: Step, acts: int, head_update: int, embed_state: int) -> dict
     optimizer states do not exist yet."""
     n, h = st.tokens, st.hidden
     if st.lean:  # slice by slice: the hidden states' fp32 gradient, R (fp32, V), one slice's transients
-        head = acts + st.s * n * h + 4 * n * h + 4 * st.vocab + lean_head_slice_bytes(st)
+        head = acts + st.s * n * h + 4 * n * h + 4 * st.vocab + lean_head_slice_bytes(st, update=not st.tied)
         return {"head": head, "head (step 1)": head}
     head = acts + st.s * n * h + grad_then_update(st, max(head_update, 0))
     return {"head": head, "head (step 1)": head + (0 if st.tied else guard_copy_bytes(st)) - embed_state}
@@ -276,8 +283,10 @@ def matrix_transient_bytes(cfg, st: Step) -> tuple[int, int, int]:
 def layer_phases(st: Step, matrix_t: int, guard_t: int) -> dict[str, int]:
     """One decoder layer's backward: the largest matrix's transient over ~3 activation gradients."""
     grads = 3 * st.s * st.tokens * max(st.hidden, st.inter)
-    if st.tied and not st.accumulates:  # lm_head's gradient waits in the shared .grad for the embedding's
+    if st.tied and not st.accumulates and not st.lean:  # lm_head's gradient waits in .grad for the embedding's
         grads += st.s * st.vh
+    elif st.tied and st.lean:  # lm_head's part waits as its recipe: the hidden states, target, lse, coef
+        grads += st.s * st.tokens * st.hidden + 16 * st.tokens
     if st.checkpointing:
         layer = activation_bytes(st, True) + layer_activation_bytes(st) + grads + matrix_t
     else:
@@ -296,6 +305,8 @@ def embed_phases(st: Step, embed_update: int) -> dict[str, int]:
         rows = min(n, st.vocab) * h
         rows_t = (UPDATE_CHUNK_BYTES + ROWS_EXTRA_BYTES) * min(rows, chunk_elems(st.device_type))
         embed = held + s * n * h + 4 * rows + rows_t
+        if st.tied:  # the one tied tensor's step: lm_head's slices recomputed with the rows added (TiedGrad)
+            embed = held + s * n * h + 4 * rows + s * n * h + 16 * n + max(rows_t, lean_head_slice_bytes(st) + 4 * rows)
         return {"embed": embed, "embed (step 1)": embed}
     # tied: lm_head's gradient is still held when the embedding's arrives (one tensor, one update)
     embed = held + s * n * h + grad_then_update(st, embed_update) + (s * st.vh if st.tied and not st.accumulates else 0)

@@ -9,7 +9,7 @@ from qapollo.layerwise import LayerwiseOptimizer
 from qapollo.optim.updaters import ApolloUpdater
 from qapollo.loss import causal_lm_loss
 from qapollo.planner import predict_peak
-from qapollo.model import Int8Embedding, Int8Linear, RowGrad, build_model
+from qapollo.model import Int8Embedding, Int8Linear, RowGrad, TiedGrad, build_model
 from tests.helpers import measured_peak, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,7 +140,6 @@ def test_lean_planner_within_10_percent_of_live_meter():
     (["optim.name=apollo", "optim.scale_type=channel", "optim.rank=2", "optim.lean_optim=apollo_mini"],
      "lean_optim=apollo_mini needs optim.name=apollo_mini"),
     (["optim.lean_optim=adam"], "lean_optim must be factored or apollo_mini"),
-    (["model.tie_word_embeddings=true"], "tie_word_embeddings"),
     (["train.grad_accum_steps=2"], "accum_mode=lagged"),
 ])
 def test_lean_head_refuses_what_it_does_not_support(over, msg):
@@ -221,3 +220,42 @@ def test_lean_lr_steps_the_int8_embedding_and_lm_head_and_nothing_else():
 def test_lean_lr_needs_lean_head():
     with pytest.raises(ConfigError, match="optim.lean_lr must be > 0, and needs model.lean_head=true"):
         validate(tiny_config(optim__lean_lr=1e-3))
+
+
+@pytest.mark.parametrize("lean_optim", ["factored", "apollo_mini"])
+def test_tied_lean_head_steps_once_on_the_sum_of_both_gradients(lean_optim):
+    """Tied embeddings: one int8 tensor is embedding and lm_head, with one updater. In backward, lm_head's
+    slices wait for the embedding's rows and the sum goes in as one step (model.TiedGrad): the same codes
+    as the two-phase step on the whole summed gradient; the rows outside the batch move (lm_head's part)
+    and the gradient stepped on carries the embedding's rows on top of lm_head's."""
+    cfg = lean(model__tie_word_embeddings=True, optim__lean_optim=lean_optim)
+    l1, s1, opt = run_steps(cfg, two_phase=False)
+    l2, s2, _ = run_steps(cfg, two_phase=True)
+    assert opt.model.lm_head is opt.model.model.embed_tokens
+    assert [n for n in opt.updaters if "embed" in n or "head" in n] == ["model.embed_tokens"]
+    assert l1 == l2
+    for k in s1:
+        if k.endswith("weight_codes"):
+            diff = (s1[k].int() - s2[k].int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, k
+    # one more step, watched: what the updater steps on, and which rows move
+    upd, seen = opt.updaters["model.embed_tokens"], []
+    step_slices = upd.step_slices
+
+    def spy(src, *a, **kw):
+        assert isinstance(src, TiedGrad)
+        seen.append((src.full() - src.head.full().float(), src.rows))
+        return step_slices(src, *a, **kw)
+    upd.step_slices = spy
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    before = opt.model.model.embed_tokens.weight_codes.clone()
+    opt.begin_step()
+    causal_lm_loss(opt.model, x).backward()
+    opt.after_backward()
+    opt.end_step()
+    (added, rows), = seen
+    assert torch.allclose(added, rows.dense(), atol=1e-6) and rows.values.abs().sum() > 0
+    outside = torch.ones(cfg.model.vocab_size, dtype=torch.bool)
+    outside[torch.unique(x)] = False
+    moved = (opt.model.model.embed_tokens.weight_codes != before).any(dim=1)
+    assert moved[outside].any() and moved[~outside].all()

@@ -1,11 +1,13 @@
 """model.lean_head from a Hugging Face folder (model.init_from): the folder's embedding and lm_head are streamed
-into the int8 form like the projections; a tied folder is refused in one line; a Llama-3-shaped folder (GQA,
-vocab much larger than hidden, llama3 rope scaling) goes through init_from + lean_head + export + eval."""
+into the int8 form like the projections; a tied folder trains one int8 tensor as both and exports tied; a
+Llama-3-shaped folder (GQA, vocab much larger than hidden, llama3 rope scaling) goes through init_from +
+lean_head + export + eval."""
 import json
 import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qapollo.cli import main
@@ -13,6 +15,7 @@ from qapollo.config import load_config
 from qapollo.evaluate import evaluate
 from qapollo.export import export
 from qapollo.model import Int8Embedding, int8_modules
+from qapollo.planner import predict_peak
 from qapollo.tokenizer import load_tokenizer
 from qapollo.train import Trainer
 from tests.helpers import make_cfg, run
@@ -47,17 +50,42 @@ def test_lean_head_starts_from_an_export_at_its_loss(corpus, val_text, tmp_path)
     tr.fit()  # and it trains (the startup guard: every tensor changed in the first update)
 
 
-def test_lean_head_refuses_a_tied_folder_in_one_line(corpus, tmp_path, capsys):
+def test_a_tied_folder_trains_lean_and_exports_tied(corpus, val_text, tmp_path, capsys):  # noqa: F811
+    """A tied folder (tie_word_embeddings: true) with model.lean_head: one int8 tensor is both embedding and
+    lm_head (one updater, counted once by the planner); it trains 3 steps, and its export is tied again (no
+    lm_head tensor) and evaluates, `qapollo eval`, as the run's own eval of the int8 model."""
+    torch.manual_seed(0)
     conf = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                       num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+                       num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+                       initializer_range=0.05)
     LlamaForCausalLM(conf).save_pretrained(tmp_path / "tied")
     load_tokenizer(corpus["data.tokenizer"]).save(str(tmp_path / "tied"))
+    tr = lean_from(tmp_path / "tied", corpus, tmp_path, "tiedrun")
+    model = tr.model
+    assert tr.cfg.model.tie_word_embeddings and model.lm_head is model.model.embed_tokens
+    assert [n for n, _ in int8_modules(model) if "embed" in n or "head" in n] == ["model.embed_tokens"]
+    assert sorted(n for n in tr.opt.updaters if "embed" in n or "head" in n) == ["model.embed_tokens"]
+    untied = load_config(None, [f"model.vocab_size={conf.vocab_size}", "model.hidden_size=128", "model.lean_head=true",
+                                "model.intermediate_size=256", "model.num_hidden_layers=1",
+                                "model.num_attention_heads=4"])
+    tied_plan, untied_plan = predict_peak(tr.cfg, "cpu"), predict_peak(untied, "cpu")
+    one, other = tied_plan["components"], untied_plan["components"]
+    assert other["int8_codes"] - one["int8_codes"] == conf.vocab_size * conf.hidden_size
+    assert other["apollo_states"] - one["apollo_states"] == 4 * 2 * (conf.vocab_size + conf.hidden_size)  # factored
+    tr.fit()
+    assert main(["export", os.path.join(tmp_path, "tiedrun"), str(tmp_path / "out")]) == 0
+    saved = json.load(open(tmp_path / "out" / "config.json"))
+    assert saved["tie_word_embeddings"] is True
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    ours = evaluate(os.path.join(tmp_path, "tiedrun"), [val_text], seq_len=SEQ, batch_size=8, progress=False)
     capsys.readouterr()
-    code = main(["train", f"model.init_from={tmp_path / 'tied'}", "model.lean_head=true", "train.seq_len=16",
-                 f"data.path={corpus['data.path']}", f"train.output_dir={tmp_path}", "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "tie_word_embeddings" in err[0], err
-    assert not (tmp_path / "run").exists()
+    assert main(["eval", str(tmp_path / "out"), "--data", val_text, "--seq-len", str(SEQ), "--batch-size", "8",
+                 "--no-progress"]) == 0
+    theirs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(theirs["loss"] - ours["loss"]) < 1e-4, (theirs, ours)
 
 
 def test_a_llama3_shaped_folder_through_lean_head_export_and_eval(corpus, val_text, tmp_path, capsys):  # noqa: F811

@@ -75,7 +75,6 @@ def _validate_lean_head(cfg: Config, need) -> None:
     need(o.lean_optim == "factored" or (o.name == "apollo_mini" and o.scale_type == "tensor"),
          "optim.lean_optim=apollo_mini needs optim.name=apollo_mini with optim.scale_type=tensor (its slice-by-slice "
          "lm_head update uses one tensor-wise scale); or use optim.lean_optim=factored")
-    need(not m.tie_word_embeddings, "model.lean_head=true needs model.tie_word_embeddings=false")
     need(m.hidden_size % m.group_size == 0,
          f"model.lean_head=true needs model.hidden_size ({m.hidden_size}) divisible by model.group_size "
          f"({m.group_size}): embedding rows are looked up in whole groups")

@@ -16,9 +16,13 @@ without its quality cost").
 Lagged accumulation (K micro-batches per step, each applied at once): a micro-batch applies G_i·a·b with
 the factors of the last commit, so a window applies ΣG_i·a·b, the large batch's direction. At the
 window's end the EMAs take the window's mean squares Σ_i G_i² times the micro-batches' alignment
-‖ΣG‖²/Σ‖G_i‖², measured in a sketch (noise-dominated micro-batches: ≈ 1, parallel ones: K): an estimate
-of (ΣG)². A window before any commit applies nothing until its last micro-batch, which carries the
-window's step (G_K scaled to the window's ‖ΣG‖), as in APOLLO's lagged mode (optim/apollo.py).
+‖ΣG‖²/Σ‖G_i‖² (noise-dominated micro-batches: ≈ 1, parallel ones: K), an estimate of (ΣG)²: each row's own
+alignment, measured in a sketch of the row (row_scale), the columns' the whole matrix's, measured in a
+sketch of the matrix. The row clip is the window's, shared by its micro-batches (window_clip): a row in
+one micro-batch may take all of it, a row in every one its share as far as their updates add up. A window
+before any commit applies nothing until its last micro-batch, which carries the window's step (G_K scaled
+to the window's ‖ΣG‖), as in APOLLO's lagged mode (optim/apollo.py). No weight decay in either mode (the
+embedding and lm_head never take it, as in the float path).
 """
 from __future__ import annotations
 
@@ -30,17 +34,22 @@ TINY = 1e-30
 CLIP_RMS = 1.0
 
 
-def init_state(shape: tuple[int, int], device) -> dict:
+def init_state(shape: tuple[int, int], device, lagged: bool = False) -> dict:
     return {"step": 0, "row_sq": torch.zeros(shape[0], device=device), "col_sq": torch.zeros(shape[1], device=device),
-            **_empty_window(shape, device)}
+            **_empty_window(shape, device, lagged)}
 
 
-def _empty_window(shape: tuple[int, int], device) -> dict:
+def _empty_window(shape: tuple[int, int], device, lagged: bool) -> dict:
     z = torch.zeros
-    return {"row_acc": z(shape[0], device=device), "col_acc": z(shape[1], device=device),
-            "sk_micro": z(SKETCH_ROWS, shape[1], device=device), "sk_sum": z(SKETCH_ROWS, shape[1], device=device),
-            "sk_sq": z((), device=device), "g_micro": z((), device=device), "g_sq": z((), device=device),
-            "g_last": z((), device=device), "count": 0}
+    window = {"row_acc": z(shape[0], device=device), "col_acc": z(shape[1], device=device),
+              "sk_micro": z(SKETCH_ROWS, shape[1], device=device), "sk_sum": z(SKETCH_ROWS, shape[1], device=device),
+              "sk_sq": z((), device=device), "g_micro": z((), device=device), "g_sq": z((), device=device),
+              "g_last": z((), device=device), "count": 0}
+    if lagged:  # per row: its sketch's sum, Σ‖h_i‖, Σ‖h_i‖² (row_scale); the update RMS applied (window_clip)
+        window["rk_sum"] = z(shape[0], SKETCH_ROWS, device=device)
+        for k in ("rk_norm", "rk_sq", "rms_sum", "rms_sq"):
+            window[k] = z(shape[0], device=device)
+    return window
 
 
 def sketch_matrix(shape: tuple[int, int], seed: int, step: int, device) -> torch.Tensor:
@@ -50,9 +59,16 @@ def sketch_matrix(shape: tuple[int, int], seed: int, step: int, device) -> torch
     return torch.randn(SKETCH_ROWS, shape[0], generator=gen, device=device)
 
 
-def add_rows(state: dict, rows, g: torch.Tensor, sketch: torch.Tensor | None = None) -> None:
-    """Add gradient rows g (k, h) at row indices `rows` (a slice or an index tensor): their mean squares and,
-    with a sketch matrix (lagged windows), A[:, rows]·g."""
+def row_sketch_matrix(shape: tuple[int, int], seed: int, step: int, device) -> torch.Tensor:
+    """The window's Gaussian sketch of each row (h × SKETCH_ROWS), the same for all its micro-batches."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_033 + step + 1) & ((1 << 63) - 1))
+    return torch.randn(shape[1], SKETCH_ROWS, generator=gen, device=device)
+
+
+def add_rows(state: dict, rows, g: torch.Tensor, sketch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Add gradient rows g (k, h) at row indices `rows` (a slice or distinct indices): their mean squares and,
+    with the sketch matrices (A, B) of a lagged window, A[:, rows]·g and each row's g·B."""
     g = g.float()
     sq = g.square()
     if isinstance(rows, slice):
@@ -63,7 +79,11 @@ def add_rows(state: dict, rows, g: torch.Tensor, sketch: torch.Tensor | None = N
     state["col_acc"] += col
     state["g_micro"] += col.sum()
     if sketch is not None:
-        state["sk_micro"] += sketch_rows(g, sketch[:, rows])
+        state["sk_micro"] += sketch_rows(g, sketch[0][:, rows])
+        h = g @ sketch[1]  # a micro-batch gives each row once: its sketch joins the row's sums at once
+        state["rk_sum"][rows] += h
+        state["rk_norm"][rows] += h.norm(dim=1)
+        state["rk_sq"][rows] += h.square().sum(dim=1)
 
 
 def end_micro(state: dict) -> None:
@@ -84,12 +104,23 @@ def window_scale(state: dict, window: int) -> torch.Tensor:
     return alignment(state) * k * k
 
 
-def commit(state: dict, beta2: float, scale: float | torch.Tensor = 1.0) -> None:
-    """The step's gradient is complete: fold its mean squares (× scale) into the EMAs; empty the window."""
+def row_scale(state: dict, window: int) -> torch.Tensor:
+    """Each row's (ΣG)² / Σ_i G_i² of a lagged window as if whole (V,): its own alignment, from its sketch,
+    × (K/used)². A row's micro-batches may be far more or less aligned than the whole matrix's (a rare
+    token's row is in one micro-batch: 1; a frequent one's from 1 to K): the matrix's alignment for every
+    row misjudged their mean squares by up to 2-3× (BENCHMARKS.md, issue 27)."""
+    k = window / max(1, state["count"])
+    sq = state["rk_sq"]
+    return torch.where(sq > 0, state["rk_sum"].square().sum(dim=1) / torch.where(sq > 0, sq, 1.0), 1.0) * (k * k)
+
+
+def commit(state: dict, beta2: float, scale: float | torch.Tensor = 1.0, rows: torch.Tensor | None = None) -> None:
+    """The step's gradient is complete: fold its mean squares (× scale; the rows' × `rows` when given) into the
+    EMAs; empty the window."""
     n_rows, shape = state["row_sq"].shape[0], (state["row_sq"].shape[0], state["col_sq"].shape[0])
-    state["row_sq"].mul_(beta2).add_(state["row_acc"] * scale, alpha=1 - beta2)
+    state["row_sq"].mul_(beta2).add_(state["row_acc"] * (scale if rows is None else rows), alpha=1 - beta2)
     state["col_sq"].mul_(beta2).add_(state["col_acc"] * (scale / n_rows), alpha=1 - beta2)
-    state.update(_empty_window(shape, state["row_sq"].device))
+    state.update(_empty_window(shape, state["row_sq"].device, "rms_sum" in state))
     state["step"] += 1
 
 
@@ -101,14 +132,40 @@ def factors(state: dict, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def row_update(g: torch.Tensor, a_rows: torch.Tensor, b: torch.Tensor, stretch=1.0,
-               clip: float = CLIP_RMS) -> tuple[torch.Tensor, torch.Tensor]:
+               clip: float | torch.Tensor = CLIP_RMS) -> tuple[torch.Tensor, torch.Tensor]:
     """(G·b (k, h) fp32, the per-row multiplier (k, 1)) of rows with factors a_rows: U = (G·b)·mult, with
-    `stretch` (a first lagged window) included and each row's RMS clipped to `clip` (a lagged micro-batch:
-    its share of the window's CLIP_RMS)."""
+    `stretch` (a first lagged window) included and each row's RMS clipped to `clip` (a number, or one per
+    row: a lagged micro-batch's remaining share of the window's clip, window_clip)."""
     gb = g.float() * b
     scaled = a_rows * stretch
     rms = scaled * gb.square().mean(dim=1).sqrt()
-    return gb, (scaled / torch.clamp(rms / clip, min=1.0))[:, None]
+    return gb, (scaled * torch.where(rms > clip, clip / rms, torch.ones_like(rms)))[:, None]
+
+
+def window_clip(state: dict, rows) -> torch.Tensor:
+    """Lagged windows: each row's remaining share of the window's clip, so that the window's row update,
+    the sum of its micro-batches' updates u_i, has RMS ≤ CLIP_RMS as the exact step's. Its RMS² is
+    estimated from the RMS applied so far (s1 = Σ‖u_i‖, s2 = Σ‖u_i‖², per row) and the row's micro-batches'
+    mean correlation γ, from its sketch: ‖Σh_i‖² = Σ‖h_i‖² + γ·Σ_{i≠j}‖h_i‖‖h_j‖. So ‖Σu‖² ≈ (1-γ)·s2 + γ·s1²,
+    and the next micro-batch may add x with (1-γ)(s2 + x²) + γ(s1 + x)² ≤ CLIP_RMS². A row in one
+    micro-batch of the window gets the whole clip, as in the exact step; a row in every one ≈ CLIP_RMS/√K
+    each when they are noise (γ ≈ 0), CLIP_RMS/K when they are parallel (γ = 1). A fixed CLIP_RMS/K per
+    micro-batch cut almost every row: a micro-batch's noisy update has a row RMS near 1/√K of the window's
+    (BENCHMARKS.md, issue 27)."""
+    n1, n2 = state["rk_norm"][rows], state["rk_sq"][rows]
+    cross = n1 * n1 - n2
+    gamma = (state["rk_sum"][rows].square().sum(dim=1) - n2) / torch.where(cross > 0, cross, 1.0)
+    gamma = torch.where(cross > 0, gamma, 0.0).clamp(0.0, 1.0)
+    s1, s2 = state["rms_sum"][rows], state["rms_sq"][rows]
+    room = CLIP_RMS ** 2 - (1 - gamma) * s2 - gamma * (1 - gamma) * s1 * s1
+    return (room.clamp(min=0).sqrt() - gamma * s1).clamp(min=0)
+
+
+def spend(state: dict, rows, gb: torch.Tensor, mult: torch.Tensor) -> None:
+    """A lagged micro-batch's row updates (G·b)·mult were applied: their RMS joins the window's sums."""
+    x = mult[:, 0].abs() * gb.square().mean(dim=1).sqrt()
+    state["rms_sum"][rows] += x
+    state["rms_sq"][rows] += x * x
 
 
 def state_tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -136,35 +193,45 @@ class FactoredUpdater:
         self.name, self.target, self.o, self.stochastic = name, target, ocfg, stochastic
         self.lagged, self.window = lagged, window
         self.shape = tuple(target.shape)
-        self.state = init_state(self.shape, target.device)
+        self.state = init_state(self.shape, target.device, lagged)
         self.sketch_seed, self.sr_seed = sketch_seed, sr_seed
         self.finite = None
 
-    def _sketch(self) -> torch.Tensor | None:
-        st = self.state
-        return sketch_matrix(self.shape, self.sketch_seed, st["step"], self.target.device) if self.lagged else None
+    def _sketch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.lagged:
+            return None
+        args = (self.shape, self.sketch_seed, self.state["step"], self.target.device)
+        return sketch_matrix(*args), row_sketch_matrix(*args)
 
     def _noise(self) -> tuple[int, str]:
         st = self.state
         return self.sr_seed, (f"{st['step']}:{st['count']}" if self.lagged else str(st["step"]))
 
     def _plan(self, last: bool):
-        """(a, b, stretch, clip) to apply this micro-batch's gradient with, or None. Exact: the step's
-        gradient is complete, so commit first. Lagged: the factors of the last commit, each micro-batch's
-        rows clipped to its 1/K share; a window before any commit waits for its last micro-batch, which
-        commits and carries the whole window's step."""
+        """(a, b, stretch, shared) to apply this micro-batch's gradient with, or None. Exact: the step's
+        gradient is complete, so commit first. Lagged: the factors of the last commit, each row clipped to
+        what remains of the window's clip (shared=True, window_clip); a window before any commit waits for
+        its last micro-batch, which commits and carries the whole window's step."""
         st, b2 = self.state, self.o.beta2
         if not self.lagged:
             commit(st, b2)
-            return (*factors(st, b2), 1.0, CLIP_RMS)
+            return (*factors(st, b2), 1.0, False)
         if st["step"] > 0:
-            return (*factors(st, b2), 1.0, CLIP_RMS / self.window)
+            return (*factors(st, b2), 1.0, True)
         if not last:
             return None
         scale = window_scale(st, self.window)
         stretch = torch.sqrt(st["g_sq"] * scale / st["g_last"].clamp(min=TINY))
-        commit(st, b2, scale)
-        return (*factors(st, b2), stretch, CLIP_RMS)
+        commit(st, b2, scale, row_scale(st, self.window))
+        return (*factors(st, b2), stretch, False)
+
+    def _update(self, rows, g: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G·b, the per-row multiplier) of these rows under `plan` (see _plan)."""
+        a, b, stretch, shared = plan
+        gb, mult = row_update(g, a[rows], b, stretch, window_clip(self.state, rows) if shared else CLIP_RMS)
+        if shared:
+            spend(self.state, rows, gb, mult)
+        return gb, mult
 
     def step_rows(self, rows: torch.Tensor, g: torch.Tensor, lr: float, count_changes: bool, last: bool = True) -> int:
         """The batch's `rows` of the embedding's gradient (values `g`); rows not in the batch keep their codes."""
@@ -176,8 +243,7 @@ class FactoredUpdater:
         plan = self._plan(last)
         if plan is None:
             return 0
-        a, b, stretch, clip = plan
-        gb, mult = row_update(g, a[rows], b, stretch, clip)
+        gb, mult = self._update(rows, g, plan)
         return self.target.add_rows_(rows, gb * (mult * -lr), torch.ones((), device=g.device),
                                      stochastic=self.stochastic, noise=noise, count_changes=count_changes,
                                      keep=~self.finite)
@@ -197,10 +263,9 @@ class FactoredUpdater:
         plan = self._plan(last)
         if plan is None:
             return 0
-        a, b, stretch, clip = plan
 
         def apply(sl, g):
-            gb, mult = row_update(g, a[sl], b, stretch, clip)
+            gb, mult = self._update(sl, g, plan)
             changed[0] += self.target.add_slice_(sl, gb, mult * -lr, stochastic=self.stochastic, noise=noise,
                                                  count_changes=count_changes, keep=keep)
         src.each(apply)
@@ -216,7 +281,8 @@ class FactoredUpdater:
     def commit(self) -> None:
         """Step boundary (lagged): the window's mean squares, as if whole, join the EMAs."""
         if self.lagged and self.state["count"]:
-            commit(self.state, self.o.beta2, window_scale(self.state, self.window))
+            st, k = self.state, self.window
+            commit(st, self.o.beta2, window_scale(st, k), row_scale(st, k))
 
     def forget_accumulation(self, reference: bool) -> None:
         """Nothing to forget: the factors are long averages, valid whatever the accumulation."""
