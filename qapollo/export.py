@@ -1,11 +1,13 @@
-"""`qapollo export checkpoints/<run>[/checkpoint-N] OUT/`: an HF `LlamaForCausalLM` folder in bf16.
+"""`qapollo export checkpoints/<run>[/checkpoint-N] OUT/`: an HF folder in bf16, of the run's own class
+(`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`: families.py).
 
 The int8 projections are dequantized (codes, per-group scale and zero point → bf16) and written with
 their HF names, one tensor at a time: the header of a safetensors file needs only shapes, so no more
 than one tensor is ever in memory and a 7B export needs far less RAM than the model. Shards above
 --max-shard-size get a `model.safetensors.index.json`, as `save_pretrained` writes them. config.json,
 generation_config.json and the tokenizer files (copied from the checkpoint) make the folder load with
-`LlamaForCausalLM.from_pretrained(OUT)` / `AutoTokenizer.from_pretrained(OUT)`, offline.
+`<its class>.from_pretrained(OUT)` (or AutoModelForCausalLM) / `AutoTokenizer.from_pretrained(OUT)`, offline.
+Float tensors beside the matrices (Qwen2's biases, Qwen3's q/k norms) are written under their HF names too.
 
 OUT is built in a temporary sibling folder and renamed into place at the end; an existing non-empty
 OUT is an error unless --force.
@@ -81,9 +83,9 @@ def shard(items: list, max_bytes: int) -> list[list]:
 
 
 def hf_config(cfg, tok) -> dict:
-    from .model import llama_config
-    hf = llama_config(cfg.model)
-    hf.architectures = ["LlamaForCausalLM"]
+    from .families import hf_config as family_config
+    hf = family_config(cfg.model)
+    hf.architectures = [cfg.model.architecture]
     hf.bos_token_id = tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else None
     hf.eos_token_id = tok.eos_id
     hf.pad_token_id = _pad_id(tok)
@@ -160,7 +162,7 @@ def export(spec: str, out: str, force: bool = False, max_shard_bytes: int = 5 * 
 
 def export_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qapollo export",
-                                 description="Write a dequantized bf16 HF LlamaForCausalLM folder from a checkpoint.")
+                                 description="Write a dequantized bf16 HF model folder (the run's class) from a checkpoint.")
     ap.add_argument("checkpoint", help="checkpoints/<run> (its newest intact checkpoint) or checkpoints/<run>/checkpoint-N")
     ap.add_argument("out", help="output folder (must be new or empty unless --force)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty output folder")

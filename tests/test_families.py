@@ -1,0 +1,164 @@
+"""Mistral, Qwen2 and Qwen3 beside LLaMA (qapollo/families.py): tiny random models of each family, made with
+transformers' own config classes and save_pretrained, go through model.init_from (their biases and q/k norms
+exactly, the matrices int8), train (in-backward, exact or lagged accumulation, lean_head), resume bit-exactly,
+export as their own class and evaluate there at the run's loss; the Python API prepares them; the planner
+counts what they add; anything else is refused in one line before anything is written."""
+import pytest
+import torch
+import transformers
+
+from qapollo import config_for, prepare
+from qapollo.cli import main
+from qapollo.config import load_config
+from qapollo.evaluate import evaluate
+from qapollo.model import Int8Linear, int8_modules
+from qapollo.tokenizer import load_tokenizer
+from qapollo.train import Trainer
+from tests.test_eval import SEQ, val_text  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=False,
+             initializer_range=0.1)
+FAMILIES = {  # name: (class, its config's extra keys, how the test trains it)
+    # Mistral v0.1's window, larger than every sequence here: full attention, carried into the export
+    "mistral": ("MistralForCausalLM", {"sliding_window": 32}, ["train.grad_accum_steps=2"]),
+    "qwen2": ("Qwen2ForCausalLM", {}, ["train.grad_accum_steps=2", "train.accum_mode=lagged", "model.lean_head=true"]),
+    # head_dim 32 while hidden / heads = 16: q and o projections are 128 wide
+    "qwen3": ("Qwen3ForCausalLM", {"head_dim": 32}, ["model.lean_head=true"]),
+}
+SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+
+
+def family_model(name, **more):
+    arch, extra, _ = FAMILIES[name]
+    conf_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(conf_cls(**{**SHAPE, **extra, **more})).eval()
+    with torch.no_grad():  # biases and norms away from their init (0, 1): a test sees whether they arrive
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in n:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def save_family(path, corpus, name, **more):
+    model = family_model(name, **more)
+    model.save_pretrained(path)
+    load_tokenizer(corpus["data.tokenizer"]).save(str(path))
+    return model
+
+
+def overrides(corpus, folder, out, run_name, *more):
+    return [f"model.init_from={folder}", f"data.path={corpus['data.path']}", f"data.cache_dir={corpus['data.cache_dir']}",
+            f"train.output_dir={out}", f"train.run_name={run_name}", "train.batch_size=2", f"train.seq_len={SEQ}",
+            "train.max_steps=4", "train.log_every=1", "model.group_size=32", "optim.float_optim=adamw",
+            "optim.lr=0.003", "optim.warmup_steps=2", "eval.tokens=256", *more]
+
+
+def trainer(corpus, folder, out, run_name, *more, resume=None):
+    cfg = load_config(None, overrides(corpus, folder, out, run_name, *more))
+    cfg.resume = resume
+    tr = Trainer(cfg, progress=False)
+    tr.setup()
+    return tr
+
+
+def loss_of(spec, val):
+    return evaluate(str(spec), [val], seq_len=SEQ, batch_size=8, progress=False)["loss"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_init_from_is_the_folders_model_in_int8(corpus, val_text, tmp_path, name):  # noqa: F811
+    """Every float tensor (biases, q/k norms included) is the folder's exactly, every matrix its weight rounded to
+    nearest, and the model is the family's class on those weights: its logits are transformers' with the
+    dequantized matrices; the step-0 eval of the int8 model is the float folder's within 0.02 nats."""
+    folder = tmp_path / "hf"
+    hf = save_family(folder, corpus, name)
+    tr = trainer(corpus, folder, tmp_path, "step0")
+    model, arch = tr.model, FAMILIES[name][0]
+    assert type(model).__name__ == arch and tr.cfg.model.architecture == arch
+    ref = hf.state_dict()
+    floats = dict(model.named_parameters())
+    assert any(n.endswith(".bias") for n in floats) == (name == "qwen2")
+    assert any("q_norm" in n for n in floats) == (name == "qwen3")
+    for n, p in floats.items():
+        assert torch.equal(p, ref[n]), n
+    for n, mod in int8_modules(model):
+        w = ref[n + ".weight"]
+        step = mod.weight_scale.repeat_interleave(mod.group_size).view(w.shape)
+        assert ((mod.dequantized(torch.float32) - w).abs() <= (0.5 + 1e-4) * step).all(), n
+    with torch.no_grad():
+        for n, mod in int8_modules(model):
+            hf.get_submodule(n).weight.copy_(mod.dequantized(torch.float32))
+        x = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(0))
+        model.eval()
+        z, z_hf = model(input_ids=x).logits, hf(input_ids=x).logits
+    assert (z - z_hf).abs().max() <= 1e-5 * z_hf.abs().max()
+    tr.save()  # checkpoint-0: the folder in int8, untrained
+    int8, flt = loss_of(tmp_path / "step0", val_text), loss_of(folder, val_text)
+    print(f"\n{name}: step-0 eval int8 {int8:.5f} float {flt:.5f} delta {int8 - flt:+.5f}")
+    assert abs(int8 - flt) < 0.02, (int8, flt)
+
+
+def _moe(path, corpus, kind):
+    arch, experts = {"qwen2moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 32}),
+                     "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4})}[kind]
+    conf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**SHAPE, **experts, num_experts_per_tok=2)
+    model = getattr(transformers, arch)(conf)
+    model.save_pretrained(path)
+    load_tokenizer(corpus["data.tokenizer"]).save(str(path))
+    return arch
+
+
+REFUSED = {  # what the folder is: (make it, the train overrides, what the line names)
+    "qwen2-moe": (lambda p, c: _moe(p, c, "qwen2moe"), [], "Qwen2MoeForCausalLM is not supported (mixture of experts)"),
+    "mixtral": (lambda p, c: _moe(p, c, "mixtral"), [], "MixtralForCausalLM is not supported (mixture of experts)"),
+    "mistral-window": (lambda p, c: save_family(p, c, "mistral", sliding_window=8), [],
+                       "MistralForCausalLM with sliding_window 8 < train.seq_len 16"),
+    "qwen2-window": (lambda p, c: save_family(p, c, "qwen2", use_sliding_window=True, sliding_window=8), [],
+                     "Qwen2ForCausalLM with use_sliding_window=True"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_other_architectures_are_refused_in_one_line_before_anything_is_written(corpus, tmp_path, capsys, case):
+    make, more, needle = REFUSED[case]
+    make(tmp_path / "hf", corpus)
+    capsys.readouterr()
+    assert main(["train", "--no-progress", *overrides(corpus, tmp_path / "hf", tmp_path / "out", "bad", *more)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert "mistral-window" == case or SUPPORTED in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert main(["plan", f"model.init_from={tmp_path / 'hf'}", f"train.seq_len={SEQ}"]) == 2  # the planner too
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_prepare_trains_a_transformers_model_of_the_family(name):
+    """The Python API on a transformers Qwen2/Qwen3 model: its class in the config, the matrices int8 with the
+    biases beside them as fp32 parameters, and a plain loop steps biases and q/k norms inside backward."""
+    model = family_model(name).train()
+    cfg = config_for(model, lr=3e-3, max_steps=3, warmup_steps=1, group_size=32, float_optim="adamw", seq_len=16)
+    assert cfg.model.architecture == FAMILIES[name][0] and cfg.model.head_dim == FAMILIES[name][1].get("head_dim")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".bias") or "q_norm" in n}
+    opt = prepare(model, cfg)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, Int8Linear) and (q.bias is not None) == (name == "qwen2")
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n.endswith(".bias"))
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        opt.begin_step()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.after_backward()
+        opt.end_step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    after = dict(model.named_parameters())
+    assert before and all(not torch.equal(after[n], v) for n, v in before.items())
