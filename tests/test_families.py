@@ -3,17 +3,23 @@ transformers' own config classes and save_pretrained, go through model.init_from
 exactly, the matrices int8), train (in-backward, exact or lagged accumulation, lean_head), resume bit-exactly,
 export as their own class and evaluate there at the run's loss; the Python API prepares them; the planner
 counts what they add; anything else is refused in one line before anything is written."""
+import json
+import os
+
 import pytest
 import torch
 import transformers
+from transformers import AutoModelForCausalLM
 
-from qapollo import config_for, prepare
+from qapollo import config_for, prepare, trainer_kwargs
 from qapollo.cli import main
 from qapollo.config import load_config
 from qapollo.evaluate import evaluate
+from qapollo.export import export
 from qapollo.model import Int8Linear, int8_modules
 from qapollo.tokenizer import load_tokenizer
 from qapollo.train import Trainer
+from tests.test_checkpoint import assert_same_checkpoint
 from tests.test_eval import SEQ, val_text  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,6 +110,45 @@ def test_init_from_is_the_folders_model_in_int8(corpus, val_text, tmp_path, name
     assert abs(int8 - flt) < 0.02, (int8, flt)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_resume_and_export_as_its_own_class(corpus, val_text, tmp_path, name, capsys):  # noqa: F811
+    """4 steps in one go == 2, a checkpoint, a resume and 2 more (bit for bit); the export loads with
+    AutoModelForCausalLM as the family's class with its config, carries the trained biases / q/k norms, and its
+    eval is the run's within 1e-4 nats; `qapollo generate` runs on both."""
+    folder = tmp_path / "hf"
+    save_family(folder, corpus, name)
+    arch, extra, mode = FAMILIES[name]
+    full = trainer(corpus, folder, tmp_path, "full", "train.save_every=2", *mode)
+    full.fit()
+    trainer(corpus, folder, tmp_path, "resumed", *mode, resume=str(tmp_path / "full" / "checkpoint-2")).fit()
+    assert_same_checkpoint(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+
+    # float32: the dequantized weights exactly, so the loss is the run's to float rounding (the default bf16
+    # export rounds every weight once more: its loss moves by ~1e-4, measured in BENCHMARKS.md)
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "bf16")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(hf).__name__ == arch and json.load(open(tmp_path / "out" / "config.json"))["architectures"] == [arch]
+    for k, v in extra.items():
+        assert getattr(hf.config, k) == v, k
+    before = save_family(tmp_path / "again", corpus, name).state_dict()  # the folder's float tensors
+    trained = dict(full.model.named_parameters())
+    for n in (n for n in trained if n.endswith(".bias") or "q_norm" in n):
+        assert not torch.equal(trained[n], before[n]), f"{n} was not trained"
+        assert torch.equal(hf.state_dict()[n], trained[n]), n
+    ours, theirs = loss_of(tmp_path / "full", val_text), loss_of(tmp_path / "out", val_text)
+    bf16 = loss_of(tmp_path / "bf16", val_text)
+    with capsys.disabled():
+        print(f"\n{name}: run eval {ours:.6f} export eval {theirs:.6f} delta {theirs - ours:+.2e} "
+              f"(bf16 export {bf16 - ours:+.2e})")
+    assert abs(theirs - ours) < 1e-4, (ours, theirs)
+    assert abs(bf16 - ours) < 2e-3, (ours, bf16)
+    for spec in (tmp_path / "full", tmp_path / "out"):
+        capsys.readouterr()
+        assert main(["generate", str(spec), "--prompt", "To be", "--max-new-tokens", "4", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "To be"
+
+
 def _moe(path, corpus, kind):
     arch, experts = {"qwen2moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 32}),
                      "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4})}[kind]
@@ -162,3 +207,30 @@ def test_prepare_trains_a_transformers_model_of_the_family(name):
     assert losses[-1] < losses[0], losses
     after = dict(model.named_parameters())
     assert before and all(not torch.equal(after[n], v) for n, v in before.items())
+
+
+def test_transformers_trainer_trains_a_qwen3_and_its_checkpoint_exports_as_one(tmp_path):
+    """transformers' Trainer on a Qwen3ForCausalLM (qapollo.trainer_kwargs): its q/k norms step inside backward,
+    and the qapollo checkpoint it writes exports as a Qwen3ForCausalLM again."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    class Blocks(torch.utils.data.Dataset):
+        ids = torch.randint(0, 512, (16, 16), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+    model = family_model("qwen3").train()
+    norm = model.model.layers[0].self_attn.q_norm.weight.detach().clone()
+    cfg = config_for(model, lr=3e-3, max_steps=4, warmup_steps=1, group_size=32, float_optim="adamw", seq_len=16,
+                     batch_size=4)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=4, per_device_train_batch_size=4,
+                             max_grad_norm=0, save_steps=4, report_to=[], use_cpu=True, dataloader_num_workers=0,
+                             disable_tqdm=True, logging_steps=1)
+    Trainer(model=model, args=args, train_dataset=Blocks(), **trainer_kwargs(model, cfg)).train()
+    assert not torch.equal(model.model.layers[0].self_attn.q_norm.weight, norm)
+    export(str(tmp_path / "t" / "qapollo"), str(tmp_path / "out"))
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")).__name__ == "Qwen3ForCausalLM"
