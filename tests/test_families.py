@@ -17,8 +17,10 @@ from qapollo.config import load_config
 from qapollo.evaluate import evaluate
 from qapollo.export import export
 from qapollo.model import Int8Linear, int8_modules
+from qapollo.planner import predict_peak
 from qapollo.tokenizer import load_tokenizer
 from qapollo.train import Trainer
+from tests.helpers import measured_peak, tiny_config
 from tests.test_checkpoint import assert_same_checkpoint
 from tests.test_eval import SEQ, val_text  # noqa: F401 (a fixture)
 
@@ -234,3 +236,22 @@ def test_transformers_trainer_trains_a_qwen3_and_its_checkpoint_exports_as_one(t
     assert not torch.equal(model.model.layers[0].self_attn.q_norm.weight, norm)
     export(str(tmp_path / "t" / "qapollo"), str(tmp_path / "out"))
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")).__name__ == "Qwen3ForCausalLM"
+
+
+def test_planner_counts_biases_q_k_norms_and_head_dim():
+    """What a Qwen3 with head_dim 2 × hidden / heads adds to LLaMA's peak of the same width (q and o matrices
+    twice as wide, their activations, the q/k norms' saved tensors) is planned within 15% of what the live-tensor
+    meter measures (LLaMA's arithmetic would plan no growth); Qwen2's float parameters are LLaMA's plus its
+    q/k/v biases, exactly."""
+    over = dict(model__hidden_size=128, model__intermediate_size=512, model__num_attention_heads=4,
+                model__num_key_value_heads=2, model__vocab_size=512, model__group_size=32, train__batch_size=4,
+                train__seq_len=64, train__check_updates=False)
+    llama = tiny_config(**over)
+    qwen3 = tiny_config(model__architecture="Qwen3ForCausalLM", model__head_dim=64, **over)
+    planned = predict_peak(qwen3, "cpu")["peak_bytes"] - predict_peak(llama, "cpu")["peak_bytes"]
+    measured = measured_peak(qwen3) - measured_peak(llama)
+    print(f"\nqwen3 head_dim 64 over llama: planned +{planned} B, measured +{measured} B ({planned / measured - 1:+.1%})")
+    assert abs(planned - measured) <= 0.15 * measured, (planned, measured)
+    qwen2 = tiny_config(model__architecture="Qwen2ForCausalLM", **over)
+    extra = predict_peak(qwen2, "cpu")["components"]["float_params"] - predict_peak(llama, "cpu")["components"]["float_params"]
+    assert extra == 4 * 2 * (128 + 64 + 64)  # fp32 on the CPU, 2 layers: q (4 heads · 32), k and v (2 · 32)
