@@ -17,11 +17,9 @@ Names: tokens = batch·seq (N), vocab (V), hidden (h), inter (I), dtype_bytes (s
 the CPU unless model.dtype says otherwise). Saved activations per decoder layer are counted from the
 tensors HF's LlamaDecoderLayer keeps for backward (two RMSNorms (4+2s)·N·h each: fp32 input + normalized
 + weighted output; attention 5·s·N·h: rotated q and k, v, SDPA output, its contiguous copy; MLP 4·s·N·I:
-gate, silu(gate), up, their product). The attention's widths are heads·head_dim and kv_heads·head_dim
-(families.head_dim: Qwen3 may set it apart from h/heads); Qwen3's per-head q/k norms keep their input and
-normalized output, (4+s)·N per element of q and k (BENCHMARKS.md, issue 29). A family's biases and q/k norm
-weights are float parameters like the norms (families.extra_float_elems). With activation checkpointing only
-each layer's input (s·N·h) is kept and one layer is recomputed at a time.
+gate, silu(gate), up, their product; q is heads·head_dim wide, families.head_dim; Qwen3's q/k norms add
+(4+s)·N per element of q and k, BENCHMARKS.md issue 29). With activation checkpointing only each layer's
+input (s·N·h) is kept and one layer is recomputed at a time.
 
 What the prediction means: on CUDA, `torch.cuda.max_memory_allocated` (the CUDA context, ≈0.4 GiB, is
 reported beside it, not in it); on the CPU, the peak of live tensor bytes that meter.LiveTensorCounter
@@ -67,8 +65,7 @@ def dtype_bytes(name: str, device_type: str) -> int:
 
 
 def matrix_shapes(mcfg) -> list[tuple[str, int, int]]:
-    """(name, out, in) of one decoder layer's projections (q and o: heads · head_dim wide, which need not be
-    the hidden size: families.head_dim)."""
+    """(name, out, in) of one decoder layer's projections (q and o: heads · head_dim wide)."""
     h, i, hd = mcfg.hidden_size, mcfg.intermediate_size, head_dim(mcfg)
     q = mcfg.num_attention_heads * hd
     kv = (mcfg.num_key_value_heads or mcfg.num_attention_heads) * hd
@@ -136,8 +133,8 @@ def float_optimizer_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[
 
 
 def float_tensors(st: Step) -> list[int]:
-    """Elements of embed, lm_head (absent when tied; 0 when int8 with lean_head), the norms and what a family
-    adds per layer (biases, q/k norms: fp32 whatever the compute dtype; counted at s bytes, a few MiB)."""
+    """Elements of embed, lm_head (absent when tied; 0 when int8 with lean_head), the norms and a family's
+    biases / q/k norms (families.extra_float_elems)."""
     rest = [st.hidden] * (2 * st.layers + 1) + st.layer_floats * st.layers
     if st.lean:
         return [0, 0] + rest
