@@ -151,6 +151,25 @@ def test_train_resume_and_export_as_its_own_class(corpus, val_text, tmp_path, na
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "To be"
 
 
+def test_lm_eval_tasks_on_a_qwen2_run_and_folder(corpus, tmp_path, capsys, monkeypatch):
+    """`qapollo eval --tasks` (lm-evaluation-harness, a local task) scores a Qwen2 checkpoint (int8, biases fp32)
+    and the Qwen2 folder it came from (its own class, float) alike: the same few answers, close scores."""
+    pytest.importorskip("lm_eval")
+    from tests.test_harness import TASKS, ROOT
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    save_family(tmp_path / "hf", corpus, "qwen2")
+    trainer(corpus, tmp_path / "hf", tmp_path, "q2").save()
+    monkeypatch.chdir(ROOT)
+    scores = []
+    for spec in (tmp_path / "q2", tmp_path / "hf"):
+        capsys.readouterr()
+        assert main(["eval", str(spec), "--tasks", "qapollo_tiny_mc", "--include-path", TASKS, "--batch-size", "5"]) == 0
+        out = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+        scores.append(json.loads(out[-1])["tasks"]["qapollo_tiny_mc"]["acc"])
+    assert abs(scores[0] - scores[1]) <= 0.2, scores  # step 0: the int8 rounding may flip an answer or two
+
+
 def _moe(path, corpus, kind):
     arch, experts = {"qwen2moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 32}),
                      "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4})}[kind]
