@@ -84,8 +84,14 @@ def family_of(raw: dict, where: str) -> Family:
 
 
 def window_of(fam: Family, raw: dict) -> int | None:
-    """The sliding window a family's config uses (None: full attention). Qwen's switch is refused by `fixed`."""
-    return raw.get("sliding_window") if fam.window == "sliding_window" else None
+    """The sliding window a family's config uses (None: full attention). Qwen's switch is refused by `fixed`.
+    A config.json without the key gets the config class's default, as its from_pretrained does (Mistral: 4096)."""
+    if fam.window != "sliding_window":
+        return None
+    if "sliding_window" not in raw:
+        import transformers
+        return getattr(transformers, fam.config_class)().sliding_window
+    return raw["sliding_window"]
 
 
 def head_dim(mcfg) -> int:

@@ -140,9 +140,8 @@ def test_train_resume_and_export_as_its_own_class(corpus, val_text, tmp_path, na
         assert torch.equal(hf.state_dict()[n], trained[n]), n
     ours, theirs = loss_of(tmp_path / "full", val_text), loss_of(tmp_path / "out", val_text)
     bf16 = loss_of(tmp_path / "bf16", val_text)
-    with capsys.disabled():
-        print(f"\n{name}: run eval {ours:.6f} export eval {theirs:.6f} delta {theirs - ours:+.2e} "
-              f"(bf16 export {bf16 - ours:+.2e})")
+    print(f"\n{name}: run eval {ours:.6f} export eval {theirs:.6f} delta {theirs - ours:+.2e} "
+          f"(bf16 export {bf16 - ours:+.2e})")
     assert abs(theirs - ours) < 1e-4, (ours, theirs)
     assert abs(bf16 - ours) < 2e-3, (ours, bf16)
     for spec in (tmp_path / "full", tmp_path / "out"):
@@ -274,3 +273,12 @@ def test_planner_counts_biases_q_k_norms_and_head_dim():
     qwen2 = tiny_config(model__architecture="Qwen2ForCausalLM", **over)
     extra = predict_peak(qwen2, "cpu")["components"]["float_params"] - predict_peak(llama, "cpu")["components"]["float_params"]
     assert extra == 4 * 2 * (128 + 64 + 64)  # fp32 on the CPU, 2 layers: q (4 heads · 32), k and v (2 · 32)
+
+
+def test_a_mistral_config_without_sliding_window_gets_transformers_default():
+    """config.json without the key: MistralForCausalLM.from_pretrained uses MistralConfig's default window, so
+    init_from must too (else a run and its export would attend differently past it)."""
+    from qapollo.hf_import import shape_from_config
+    raw = {**SHAPE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    assert shape_from_config(raw, "x")["sliding_window"] == transformers.MistralConfig().sliding_window == 4096
+    assert shape_from_config({**raw, "sliding_window": None}, "x")["sliding_window"] is None
