@@ -2,7 +2,7 @@
 """Train a LLaMA with transformers' Trainer and qapollo's int8 weights + in-backward APOLLO-Mini.
 
     python examples/hf_trainer.py --tiny --max-steps 20            # a tiny random LLaMA, CPU, ~20 s
-    python examples/hf_trainer.py --model DIR --max-steps 1000     # an HF LLaMA folder (from_pretrained)
+    python examples/hf_trainer.py --model DIR --max-steps 1000     # an HF folder: Llama, Mistral, Qwen2/2.5, Qwen3
     python examples/hf_trainer.py --tiny --max-steps 40 --resume   # continue from OUT's newest checkpoint-N
 
 Text: the corpus qapollo ships (qapollo/assets/corpus) with qapollo's shipped tokenizer (--tiny) or the
@@ -57,10 +57,11 @@ def tiny_llama(vocab_size: int):
 
 
 def main(argv=None) -> int:
-    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny random LLaMA with the shipped tokenizer")
-    ap.add_argument("--model", help="an HF LLaMA folder (LlamaForCausalLM.from_pretrained) instead of --tiny")
+    ap.add_argument("--model", help="an HF folder of a family qapollo trains (AutoModelForCausalLM.from_pretrained: "
+                                    "Llama, Mistral, Qwen2/2.5, Qwen3) instead of --tiny")
     ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         model = tiny_llama(tok.vocab_size)
     else:
         tok = load_tokenizer(args.model)
-        model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     cfg = qapollo.config_for(model, lr=args.lr, float_lr=args.lr, warmup_steps=max(1, args.max_steps // 10),
                              max_steps=args.max_steps, grad_accum_steps=args.grad_accum, batch_size=args.batch_size,
                              seq_len=args.seq_len, float_optim="adamw")

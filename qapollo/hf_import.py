@@ -1,12 +1,14 @@
-"""`model.init_from: DIR`: continue pre-training a local Hugging Face LLaMA folder.
+"""`model.init_from: DIR`: continue pre-training a local Hugging Face folder of a family qapollo trains
+(families.py: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 
 DIR holds `config.json` and the weights as safetensors (`model.safetensors`, or shards listed in
 `model.safetensors.index.json`), usually with the tokenizer. Everything that can be refused is refused
-before the model is allocated, from config.json and the safetensors headers alone: another architecture,
-bias terms, a quantized checkpoint, a missing or misshapen tensor, a tokenizer whose vocabulary differs.
+before the model is allocated, from config.json and the safetensors headers alone: another architecture
+(mixture of experts, sliding-window attention in use), bias terms the family has not, a quantized
+checkpoint, a missing or misshapen tensor, a tokenizer whose vocabulary differs.
 
-The model shape comes from config.json: init_from sets hidden/intermediate size, layers, heads, kv heads
-(grouped-query attention), vocabulary, context length, rms_norm_eps, rope theta and scaling, and tied
+The model shape comes from config.json: init_from sets the class, hidden/intermediate size, layers, heads, kv
+heads (grouped-query attention), head_dim, vocabulary, context length, rms_norm_eps, rope theta and scaling, and tied
 embeddings. A shape key that the run config also sets explicitly must agree, else it is an error.
 
 The weights are streamed: the model is built on meta and allocated empty (model.build_model), then each
@@ -28,11 +30,12 @@ import torch
 from .checkpoint import LOAD_BATCH_BYTES, CheckpointError, candidates, is_checkpoint_dir, open_safetensors, \
     read_config
 from .config import ConfigError, explicit_keys, validate
+from .families import FamilyError, family_of, model_class, window_of
 
 # ModelConfig keys that init_from takes from config.json
-SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-              "tie_word_embeddings")
+SHAPE_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+              "rope_scaling", "tie_word_embeddings", "sliding_window")
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 INDEX = "model.safetensors.index.json"
 
@@ -47,9 +50,9 @@ def _fail(path: str, msg: str) -> HFImportError:
 
 # ---- config.json -------------------------------------------------------------------------------
 def read_shape(path: str) -> dict:
-    """The ModelConfig shape keys of a LLaMA config.json; refuses what qapollo's model cannot represent."""
+    """The ModelConfig shape keys of a folder's config.json; refuses what qapollo's model cannot represent."""
     if not os.path.isdir(path):
-        raise _fail(path, "no such folder; set model.init_from to a local Hugging Face LLaMA folder (config.json "
+        raise _fail(path, "no such folder; set model.init_from to a local Hugging Face model folder (config.json "
                           "+ *.safetensors), e.g. one saved by `huggingface-cli download meta-llama/Llama-2-7b-hf "
                           "--local-dir DIR`")
     file = os.path.join(path, "config.json")
@@ -64,20 +67,17 @@ def read_shape(path: str) -> dict:
 
 
 def shape_from_config(raw: dict, where: str) -> dict:
-    """The ModelConfig shape keys of a LLaMA config (config.json, or a LlamaConfig's to_dict()); `where`
-    names it in errors. Refuses what qapollo's model cannot represent."""
+    """The ModelConfig shape keys of a config.json (or a transformers config's to_dict()) of a family qapollo
+    trains (families.py); `where` names it in errors. Refuses what qapollo's model cannot represent."""
     def bad(msg: str) -> HFImportError:
         return HFImportError(f"{where}: {msg}")
-    arch = raw.get("architectures") or ["LlamaForCausalLM"]
-    if raw.get("model_type") != "llama" or arch != ["LlamaForCausalLM"]:
-        raise bad(f"model_type {raw.get('model_type')!r} / architectures {arch}: qapollo trains "
-                          f"LlamaForCausalLM (model_type 'llama') only")
+    try:
+        fam = family_of(raw, where)
+    except FamilyError as e:
+        raise HFImportError(str(e)) from None
     if raw.get("quantization_config"):
         raise bad("is a quantized checkpoint (quantization_config in config.json): start from the "
                           "float (bf16/fp16/fp32) model")
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            raise bad(f"{key}=true: bias terms are not supported (qapollo's projections are bias-free)")
     if raw.get("hidden_act", "silu") != "silu":
         raise bad(f"hidden_act {raw['hidden_act']!r}: only LLaMA's silu is supported")
     try:
@@ -86,17 +86,18 @@ def shape_from_config(raw: dict, where: str) -> dict:
     except KeyError as e:
         raise bad(f"config.json lacks {e.args[0]!r}") from None
     heads = shape["num_attention_heads"]
-    if raw.get("head_dim") not in (None, shape["hidden_size"] // heads):
-        raise bad(f"head_dim {raw['head_dim']} differs from hidden_size/num_attention_heads: not supported")
+    head_dim = raw.get("head_dim")
     rope = raw.get("rope_parameters") or {}  # transformers 5 writes rope_parameters, 4.x rope_theta/rope_scaling
     scaling = raw.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
-    shape.update(num_key_value_heads=raw.get("num_key_value_heads") or heads,
+    shape.update(architecture=fam.arch, num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                 head_dim=None if head_dim in (None, shape["hidden_size"] // heads) else head_dim,
                  max_position_embeddings=raw.get("max_position_embeddings", 2048),
                  rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                  rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                 rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
+                 rope_scaling=scaling, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                 sliding_window=window_of(fam, raw))
     return shape
 
 
@@ -148,12 +149,11 @@ def scan_tensors(path: str) -> dict[str, tuple[str, tuple, str]]:
 
 
 def expected_tensors(mcfg) -> dict[str, tuple]:
-    """HF name → shape of every weight a LlamaForCausalLM of this shape loads (lm_head is absent when tied)."""
-    from transformers import LlamaForCausalLM
-
-    from .model import llama_config
+    """HF name → shape of every weight the family's class (LlamaForCausalLM, ...) of this shape loads, biases
+    and q/k norms included (lm_head is absent when tied)."""
+    from .families import hf_config
     with torch.device("meta"):
-        ref = LlamaForCausalLM(llama_config(mcfg))
+        ref = model_class(mcfg.architecture)(hf_config(mcfg))
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     if mcfg.tie_word_embeddings:
         want.pop("lm_head.weight", None)
@@ -162,13 +162,14 @@ def expected_tensors(mcfg) -> dict[str, tuple]:
 
 def check_tensors(path: str, found: dict, mcfg) -> None:
     want = expected_tensors(mcfg)
-    bias = sorted(k for k in found if k.endswith(".bias"))
+    bias = sorted(k for k in found if k.endswith(".bias") and k not in want)
     if bias:
-        raise _fail(path, f"holds bias tensors ({bias[0]}, ...): bias terms are not supported")
+        raise _fail(path, f"holds bias tensors ({bias[0]}, ...): bias terms are not supported in "
+                          f"{mcfg.architecture}")
     missing = [k for k in want if k not in found]
     if missing:
         raise _fail(path, f"tensor {missing[0]!r} is missing from the safetensors files ({len(missing)} missing): "
-                          f"an incomplete download, or not a LlamaForCausalLM with this config.json")
+                          f"an incomplete download, or not a {mcfg.architecture} with this config.json")
     for k, shape in want.items():
         _, got, dtype = found[k]
         if got != shape:
@@ -178,7 +179,7 @@ def check_tensors(path: str, found: dict, mcfg) -> None:
     # old checkpoints saved the rotary inv_freq buffers; a tied model may still store lm_head
     extra = [k for k in found if k not in want and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"]
     if extra:
-        raise _fail(path, f"tensor {extra[0]!r} is not part of a LlamaForCausalLM with this config.json "
+        raise _fail(path, f"tensor {extra[0]!r} is not part of a {mcfg.architecture} with this config.json "
                           f"({len(extra)} such)")
 
 

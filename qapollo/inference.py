@@ -1,8 +1,10 @@
 """Open a trained model for inference: a run dir (its newest intact checkpoint), a checkpoint-<step> dir,
-or a Hugging Face LLaMA folder — what `qapollo eval`, `qapollo generate` and the lm-eval harness read.
+or a Hugging Face folder of a family qapollo trains (families.py) — what `qapollo eval`, `qapollo generate`
+and the lm-eval harness read.
 
-A checkpoint is opened exactly as trained (int8 weights, its tokenizer, its seq_len); an HF folder with
-`LlamaForCausalLM` in float, or with `--int8` quantized the way model.init_from does.
+A checkpoint is opened exactly as trained (int8 weights, its tokenizer, its seq_len); an HF folder with its
+own class (LlamaForCausalLM, Qwen3ForCausalLM, ...) in float, or with `--int8` quantized the way
+model.init_from does.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ def load_hf_model(path: str, device: torch.device, dtype: str | None, int8: bool
         model = build_model(cfg.model, device, init=False)
         load_weights(model, found, progress)
         return model, path, seq_len
-    from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype, device)).to(device)
+    from .families import model_class
+    model = model_class(cfg.model.architecture).from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype, device))
+    model = model.to(device)
     return model, path, seq_len
 
 

@@ -1,10 +1,12 @@
-"""Build a transformers LlamaForCausalLM with int8 projections, without ever holding it in float.
+"""Build a transformers causal LM (LlamaForCausalLM or another family of families.py) with int8 projections,
+without ever holding it in float.
 
-The model is created on the meta device; every attention/MLP projection (q, k, v, o, gate, up, down) is
-swapped for an `Int8Linear` whose uint8 codes are filled row-chunk by row-chunk from an N(0, 0.02) draw,
-so a 7B build never has a full floating-point copy of the matrices. Embeddings, RMSNorms and lm_head stay
-floating point. The model knows nothing of the training loop: an `Int8Linear` hands its weight gradient
-to whatever callable sits in `grad_hook`.
+The model is created on the meta device by the family's own transformers class; every attention/MLP
+projection (q, k, v, o, gate, up, down) is swapped for an `Int8Linear` whose uint8 codes are filled
+row-chunk by row-chunk from an N(0, 0.02) draw, so a 7B build never has a full floating-point copy of the
+matrices. Embeddings, RMSNorms (Qwen3's q/k norms too), projection biases (Qwen2) and lm_head stay floating
+point. The model knows nothing of the training loop: an `Int8Linear` hands its weight gradient to whatever
+callable sits in `grad_hook`.
 """
 from __future__ import annotations
 
@@ -13,9 +15,7 @@ import hashlib
 import torch
 from torch import nn
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from . import fused, quant
+from . import families, fused, quant
 
 PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -58,7 +58,9 @@ class _Int8LinearFn(torch.autograd.Function):
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer stored as uint8 codes + per-group scale and zero point (quant.py)."""
+    """A linear layer stored as uint8 codes + per-group scale and zero point (quant.py); its bias, when the
+    family has one (Qwen2's q/k/v), is an ordinary fp32 parameter that the float optimizer steps: in bf16 the
+    small updates of continued training would round away, as for the norms (_keep_norms_fp32)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device,
                  scale_dtype: torch.dtype = torch.float32):
@@ -68,6 +70,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_codes", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty(n_groups, dtype=scale_dtype, device=device))
         self.register_buffer("weight_zero", torch.empty(n_groups, dtype=torch.uint8, device=device))
+        self.register_parameter("bias", None)
         self._anchor = torch.empty(0, device=device, requires_grad=True)
         self.grad_hook = None  # callable(module, grad); None: keep the gradient in .weight_grad
         self.slice_hook = None  # callable(module, slices): lm_head's gradient given slice by slice (lean_head)
@@ -157,10 +160,12 @@ class Int8Linear(nn.Module):
         return self._anchor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8LinearFn.apply(x, self.anchor_on(x.device), self)
+        y = _Int8LinearFn.apply(x, self.anchor_on(x.device), self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, int8"
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, int8"
+                + (", fp32 bias" if self.bias is not None else ""))
 
 
 class RowGrad:
@@ -242,18 +247,6 @@ class Int8Embedding(Int8Linear):
         return f"vocab={self.out_features}, dim={self.in_features}, group_size={self.group_size}, int8"
 
 
-def llama_config(mcfg) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
-        num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=mcfg.num_attention_heads,
-        num_key_value_heads=mcfg.num_key_value_heads or mcfg.num_attention_heads,
-        max_position_embeddings=mcfg.max_position_embeddings, rms_norm_eps=mcfg.rms_norm_eps,
-        rope_theta=mcfg.rope_theta, rope_scaling=dict(mcfg.rope_scaling) if mcfg.rope_scaling else None,
-        initializer_range=mcfg.initializer_range, hidden_act="silu", tie_word_embeddings=mcfg.tie_word_embeddings,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=False, attn_implementation="sdpa",
-    )
-
-
 def int8_modules(model: nn.Module):
     """(name, Int8Linear) pairs in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear)]
@@ -270,7 +263,7 @@ def matrix_names(model: nn.Module) -> set[str]:
 
 def _replace_projections(model: nn.Module, mcfg, device, fill=None) -> None:
     """Every attention/MLP projection becomes an Int8Linear; `fill(linear)` gives the float rows to round
-    into it (None: left for the caller to initialise)."""
+    into it (None: left for the caller to initialise). A bias moves over as an fp32 parameter."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in PROJ_NAMES:
@@ -280,14 +273,17 @@ def _replace_projections(model: nn.Module, mcfg, device, fill=None) -> None:
                 q = Int8Linear(lin.in_features, lin.out_features, mcfg.group_size, device)
                 if fill is not None:
                     q.quantize_from_(fill(lin))
+                if lin.bias is not None:
+                    q.bias = nn.Parameter(lin.bias.detach().to(device=device, dtype=torch.float32, copy=True))
                 setattr(parent, name, q)
 
 
 @torch.no_grad()
-def quantize_(model: LlamaForCausalLM, mcfg) -> LlamaForCausalLM:
-    """A transformers LlamaForCausalLM (built, or from `from_pretrained`) made int8 in place: every projection
-    rounded to nearest into an Int8Linear, row chunk by row chunk, as model.init_from does; the float
-    tensors (embeddings, norms, lm_head) stay in their dtype, the norms in fp32 when that is lower."""
+def quantize_(model: nn.Module, mcfg) -> nn.Module:
+    """A transformers model of a family (families.py; built, or from `from_pretrained`) made int8 in place:
+    every projection rounded to nearest into an Int8Linear, row chunk by row chunk, as model.init_from does;
+    the float tensors (embeddings, norms, lm_head) stay in their dtype, the norms in fp32 when that is lower,
+    the projections' biases in fp32."""
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         return model  # already int8
     device = model.model.embed_tokens.weight.device
@@ -315,15 +311,16 @@ def tied_int8(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: bool = True) -> LlamaForCausalLM:
-    """Build and initialise the model directly on `device` (int8 projections unless weight_quant=false).
+def build_model(mcfg, device: torch.device | str = "cpu", seed: int = 0, init: bool = True) -> nn.Module:
+    """Build and initialise the model of model.architecture (families.py) directly on `device` (int8 projections
+    unless weight_quant=false).
 
     init=False allocates without initialising: the caller fills every tensor (a checkpoint, hf_import)."""
     device = torch.device(device)
     dtype = resolve_dtype(mcfg.dtype, device)
-    hf_cfg = llama_config(mcfg)
+    hf_cfg = families.hf_config(mcfg)
     with torch.device("meta"):
-        model = LlamaForCausalLM(hf_cfg).to(dtype)  # on meta: only the dtype label changes
+        model = families.model_class(mcfg.architecture)(hf_cfg).to(dtype)  # on meta: only the dtype label changes
         if mcfg.weight_quant:
             _replace_projections(model, mcfg, "meta")
         if mcfg.lean_head:
@@ -350,6 +347,8 @@ def _init_weights(model: nn.Module, std: float, seed: int, device: torch.device)
     for name, p in model.named_parameters():
         if "norm" in name:
             p.fill_(1.0)
+        elif p.dim() == 1:  # a projection's bias (Qwen2), zero as transformers initialises it
+            p.zero_()
         else:
             gen = torch.Generator(device=device)
             gen.manual_seed(tensor_seed(seed, name))
@@ -386,7 +385,7 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
+def enable_activation_checkpointing(model: nn.Module) -> None:
     """Checkpoint each decoder layer (non-reentrant: recomputation sees the weights the forward used,
     because a layer's weights change only inside that layer's own backward, after recomputation)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

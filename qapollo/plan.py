@@ -29,7 +29,7 @@ def format_plan(plan: dict, budget: int | None = None) -> str:
             c.get("int8_scales", 0) + c.get("int8_zeros", 0))]
     if "matrix_params" in c:
         rows = [("matrix params (float)", c["matrix_params"]), ("matrix optimizer states", c.get("matrix_optim_states", 0))]
-    rows += [(f"float params ({plan['dtype_bytes']} B/elem: embed, lm_head, norms)", c["float_params"]),
+    rows += [(f"float params ({plan['dtype_bytes']} B/elem: embed, lm_head, norms, biases)", c["float_params"]),
              ("float optimizer states", c["float_optim_states"]),
              ("APOLLO states (M, V, projection)", c["apollo_states"])]
     out = [f"memory plan ({plan['device_type']}, {plan['tokens']} tokens per micro-batch, "
@@ -94,8 +94,10 @@ def plan_main(argv: list[str]) -> int:
     return 0
 
 
-LEAN_PRESETS = ("configs/llama_7b_8gb.yaml (LLaMA-7B, 8 GB), configs/llama3_8b_12gb.yaml (continued pre-training of a "
-                "Llama-3-8B folder, 12 GB), configs/llama_13b_16gb.yaml (LLaMA-13B, 16 GB)")
+LEAN_PRESETS = ("configs/llama_7b_8gb.yaml (LLaMA-7B, 8 GB); continued pre-training on 12 GB of a Llama-3-8B, "
+                "Qwen3-8B, Qwen2.5-7B or Mistral-7B folder: configs/llama3_8b_12gb.yaml, configs/qwen3_8b_12gb.yaml, "
+                "configs/qwen2.5_7b_12gb.yaml, configs/mistral_7b_12gb.yaml; configs/llama_13b_16gb.yaml "
+                "(LLaMA-13B, 16 GB)")
 
 
 def lean_suggestion(cfg, device: str, nproc: int, budget: int) -> str:

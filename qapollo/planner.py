@@ -17,8 +17,9 @@ Names: tokens = batch·seq (N), vocab (V), hidden (h), inter (I), dtype_bytes (s
 the CPU unless model.dtype says otherwise). Saved activations per decoder layer are counted from the
 tensors HF's LlamaDecoderLayer keeps for backward (two RMSNorms (4+2s)·N·h each: fp32 input + normalized
 + weighted output; attention 5·s·N·h: rotated q and k, v, SDPA output, its contiguous copy; MLP 4·s·N·I:
-gate, silu(gate), up, their product). With activation checkpointing only each layer's input (s·N·h) is
-kept and one layer is recomputed at a time.
+gate, silu(gate), up, their product; q is heads·head_dim wide, families.head_dim; Qwen3's q/k norms add
+(4+s)·N per element of q and k, BENCHMARKS.md issue 29). With activation checkpointing only each layer's
+input (s·N·h) is kept and one layer is recomputed at a time.
 
 What the prediction means: on CUDA, `torch.cuda.max_memory_allocated` (the CUDA context, ≈0.4 GiB, is
 reported beside it, not in it); on the CPU, the peak of live tensor bytes that meter.LiveTensorCounter
@@ -32,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .distributed import GradAverager
+from .families import extra_float_elems, family, head_dim
 from .fused import wanted
 from .sizes import FLOAT_CHUNK_ELEMS, SKETCH_ROWS, chunk_elems, head_slice_rows, loss_chunk_rows
 
@@ -63,11 +65,11 @@ def dtype_bytes(name: str, device_type: str) -> int:
 
 
 def matrix_shapes(mcfg) -> list[tuple[str, int, int]]:
-    """(name, out, in) of one decoder layer's projections."""
-    h, i = mcfg.hidden_size, mcfg.intermediate_size
-    hd = h // mcfg.num_attention_heads
+    """(name, out, in) of one decoder layer's projections (q and o: heads · head_dim wide)."""
+    h, i, hd = mcfg.hidden_size, mcfg.intermediate_size, head_dim(mcfg)
+    q = mcfg.num_attention_heads * hd
     kv = (mcfg.num_key_value_heads or mcfg.num_attention_heads) * hd
-    return [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h),
+    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
             ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
 
 
@@ -82,7 +84,10 @@ class Step:
     layers: int
     vocab: int
     heads: int
+    q: int  # query width (heads · head_dim)
     kv: int  # key/value width
+    layer_floats: list  # elements of each float tensor a layer adds to its two norms (families.extra_float_elems)
+    qk_norm: bool  # per-head q/k RMSNorms (Qwen3): saved activations like a norm's over q and k
     matrices: list  # matrix_shapes
     matrix_elems: int  # all layers
     largest_matrix: int  # elements
@@ -101,9 +106,11 @@ class Step:
 def step_of(cfg, device_type: str) -> Step:
     m, o, t = cfg.model, cfg.optim, cfg.train
     mats = matrix_shapes(m)
-    kv = (m.num_key_value_heads or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+    hd = head_dim(m)
+    kv = (m.num_key_value_heads or m.num_attention_heads) * hd
     return Step(device_type, dtype_bytes(m.dtype, device_type), t.batch_size * t.seq_len, m.hidden_size,
-                m.intermediate_size, m.num_hidden_layers, m.vocab_size, m.num_attention_heads, kv, mats,
+                m.intermediate_size, m.num_hidden_layers, m.vocab_size, m.num_attention_heads,
+                m.num_attention_heads * hd, kv, extra_float_elems(m), family(m.architecture).qk_norm, mats,
                 m.num_hidden_layers * sum(a * b for _, a, b in mats), max(a * b for _, a, b in mats),
                 m.tie_word_embeddings, m.lean_head, t.grad_accum_steps > 1,
                 t.accum_mode == "lagged" and o.name != "adamw", m.activation_checkpointing, t.check_updates)
@@ -126,10 +133,12 @@ def float_optimizer_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[
 
 
 def float_tensors(st: Step) -> list[int]:
-    """Elements of embed, lm_head (absent when tied; 0 when int8 with lean_head) and the norms."""
+    """Elements of embed, lm_head (absent when tied; 0 when int8 with lean_head), the norms and a family's
+    biases / q/k norms (families.extra_float_elems)."""
+    rest = [st.hidden] * (2 * st.layers + 1) + st.layer_floats * st.layers
     if st.lean:
-        return [0, 0] + [st.hidden] * (2 * st.layers + 1)
-    return [st.vh] * (1 if st.tied else 2) + [st.hidden] * (2 * st.layers + 1)
+        return [0, 0] + rest
+    return [st.vh] * (1 if st.tied else 2) + rest
 
 
 def lean_tensors(st: Step) -> int:
@@ -192,7 +201,8 @@ def norm_bytes(st: Step) -> int:
 def layer_activation_bytes(st: Step) -> int:
     """Saved for backward by one decoder layer (the module docstring)."""
     s, n = st.s, st.tokens
-    return 2 * norm_bytes(st) + s * n * (3 * st.hidden + 2 * st.kv) + 4 * s * n * st.inter + 4 * n * st.heads
+    qk_norms = (4 + s) * n * (st.q + st.kv) if st.qk_norm else 0
+    return 2 * norm_bytes(st) + s * n * (3 * st.q + 2 * st.kv) + 4 * s * n * st.inter + 4 * n * st.heads + qk_norms
 
 
 def activation_bytes(st: Step, checkpointing: bool) -> int:

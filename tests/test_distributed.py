@@ -48,6 +48,12 @@ def cfg_for(corpus, out, run, steps, batch=B, accum=1, mode="exact", **train):
     return cfg
 
 
+def qwen2(cfg):
+    """The same run as a Qwen2ForCausalLM: q/k/v biases, float tensors inside the int8 projections."""
+    cfg.model.architecture = "Qwen2ForCausalLM"
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
     """References in this process, then one torchrun session of 2 ranks, then a 2→1 resume."""
@@ -55,6 +61,7 @@ def runs(corpus, tmp_path_factory):
     run(cfg_for(corpus, out, "ref_2b", 4, batch=2 * B))
     run(cfg_for(corpus, out, "ref_k2", 4, accum=2))
     run(cfg_for(corpus, out, "ref_lagged", 3, batch=2 * B, accum=2, mode="lagged"))
+    run(qwen2(cfg_for(corpus, out, "ref_qwen2_k2", 3, accum=2)))
 
     cli_cfg = cfg_for(corpus, out, "dp", 4)
     cli_yaml = out / "dp.yaml"
@@ -68,6 +75,7 @@ def runs(corpus, tmp_path_factory):
         {"kind": "train", "config": resume_cfg.to_dict(), "out": str(out / "dp_from_1")},
         {"kind": "perturb", "config": cfg_for(corpus, out, "dp_perturbed", 3).to_dict(),
          "out": str(out / "dp_perturbed")},
+        {"kind": "train", "config": qwen2(cfg_for(corpus, out, "dp_qwen2", 3)).to_dict(), "out": str(out / "dp_qwen2")},
         {"kind": "other_seed", "config": cfg_for(corpus, out, "dp_seeds", 3).to_dict(), "out": str(out / "dp_seeds")},
         {"kind": "save_fails", "config": cfg_for(corpus, out, "dp_save_fails", 3).to_dict(),
          "out": str(out / "dp_save_fails")},
@@ -156,6 +164,15 @@ def test_two_ranks_equal_exact_accumulation_bit_for_bit(runs):
     assert_bit_identical(*opt)
 
 
+def test_a_qwen2_on_two_ranks_equals_its_exact_accumulation_bit_for_bit(runs):
+    """The family's own float tensors (Qwen2's q/k/v biases) are all-reduced like the norms: the same identity."""
+    out = runs["out"]
+    assert losses(out / "dp_qwen2") == losses(out / "ref_qwen2_k2")
+    dp, ref = model_of(out / "dp_qwen2", 3), model_of(out / "ref_qwen2_k2", 3)
+    assert any(k.endswith("q_proj.bias") for k in ref)
+    assert_bit_identical(dp, ref)
+
+
 def test_replicas_stay_identical(runs):
     for run in ("dp_lagged", "dp_from_1"):
         d = runs["out"] / run
@@ -204,7 +221,7 @@ def test_one_writer(runs):
     assert [r["step"] for r in read_metrics(out / "dp" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert sorted(os.listdir(out / "dp")) == [f"checkpoint-{i}" for i in range(1, 5)] + ["latest", "metrics.jsonl"]
     assert runs["stdout"].count("done: step 4") == 1
-    assert runs["stderr"].count("saved ") == 4 + 3 + 2  # dp: steps 1-4; dp_lagged: 1-3; dp_from_1: 3-4
+    assert runs["stderr"].count("saved ") == 4 + 3 + 2 + 3  # dp: steps 1-4; dp_lagged: 1-3; dp_from_1: 3-4; dp_qwen2: 1-3
     assert [(out / "dp_rc" / f"rank{r}.rc").read_text() for r in (0, 1)] == ["0", "0"]
 
 

@@ -153,8 +153,8 @@ def _to_bin(folder):
 BAD = {  # case: (how to break the folder, extra overrides, what the error line must say)
     "no-folder": (lambda f: shutil.rmtree(f), [], "no such folder"),
     "no-config": (lambda f: os.remove(f / "config.json"), [], "no config.json"),
-    "architecture": (lambda f: _edit_config(f, model_type="mistral", architectures=["MistralForCausalLM"]), [],
-                     "LlamaForCausalLM"),
+    "architecture": (lambda f: _edit_config(f, model_type="mixtral", architectures=["MixtralForCausalLM"]), [],
+                     "MixtralForCausalLM is not supported: qapollo trains LlamaForCausalLM, MistralForCausalLM"),
     "bias": (lambda f: _edit_config(f, attention_bias=True), [], "bias terms are not supported"),
     "missing-tensor": (lambda f: _drop_tensor(f, "model.layers.1.mlp.up_proj.weight"), [],
                        "'model.layers.1.mlp.up_proj.weight' is missing"),

@@ -48,6 +48,9 @@ def validate(cfg: Config) -> None:
     need(t.seq_len <= m.max_position_embeddings,
          f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}: lower "
          f"train.seq_len or raise model.max_position_embeddings (for a new run)")
+    need(m.sliding_window is None or t.seq_len <= m.sliding_window,
+         f"{m.architecture} with sliding_window {m.sliding_window} < train.seq_len {t.seq_len}: sliding-window "
+         f"attention is not supported (qapollo trains full causal attention); use train.seq_len <= {m.sliding_window}")
     need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
     need(t.accum_mode in ("exact", "lagged"), f"train.accum_mode must be exact or lagged, got '{t.accum_mode}'")
     need(t.accum_mode == "exact" or o.name != "adamw",
@@ -93,18 +96,22 @@ def _validate_shape(m: ModelConfig, need) -> None:
     h, n, kv = m.hidden_size, m.num_attention_heads, m.num_key_value_heads
     fits = [d for d in range(1, h + 1) if h % d == 0]
     near = sorted(fits, key=lambda d: (abs(d - n), d))[:2]
-    need(h % n == 0, f"model.hidden_size {h} is not divisible by model.num_attention_heads {n}: each head gets "
-                     f"hidden_size / heads channels; use e.g. model.num_attention_heads={' or '.join(map(str, sorted(near)))}")
+    need(m.head_dim is None or m.head_dim >= 1, f"model.head_dim must be >= 1 or null (got {m.head_dim})")
+    need(m.head_dim is not None or h % n == 0,
+         f"model.hidden_size {h} is not divisible by model.num_attention_heads {n}: each head gets "
+         f"hidden_size / heads channels (or set model.head_dim); use e.g. model.num_attention_heads={' or '.join(map(str, sorted(near)))}")
     need(kv is None or (kv >= 1 and n % kv == 0),
          f"model.num_attention_heads {n} is not a multiple of model.num_key_value_heads {kv}: grouped-query "
          f"attention shares each key/value head among an equal group: use a divisor of {n}, or null for {n}")
 
 
 def _matrix_shapes(m: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of one decoder layer's seven projections."""
+    """(out, in) of one decoder layer's seven projections (q and o: heads · head_dim, which Qwen3 may set
+    apart from hidden_size)."""
     h, i = m.hidden_size, m.intermediate_size
-    kv = (m.num_key_value_heads or m.num_attention_heads) * (h // m.num_attention_heads)
-    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+    hd = m.head_dim or h // m.num_attention_heads
+    q, kv = m.num_attention_heads * hd, (m.num_key_value_heads or m.num_attention_heads) * hd
+    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 
 
 def _validate_run(cfg: Config, need) -> None:

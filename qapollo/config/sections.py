@@ -18,18 +18,24 @@ PRESET_8GB = os.path.join(os.path.dirname(DEFAULT_CONFIG), "llama_7b_8gb.yaml")
 
 @dataclass
 class ModelConfig:
-    # LLaMA shape (the HF LlamaConfig names)
+    # the transformers class: LlamaForCausalLM | MistralForCausalLM | Qwen2ForCausalLM | Qwen3ForCausalLM
+    # (qapollo/families.py; model.init_from sets it from the folder's config.json)
+    architecture: str = "LlamaForCausalLM"
+    # the shape (the HF config names)
     hidden_size: int = 512
     intermediate_size: int = 1376
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
+    head_dim: int | None = None  # channels per attention head; None: hidden_size / num_attention_heads
     vocab_size: int = 32000
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # HF rope scaling, e.g. {rope_type: llama3, factor: 8.0, ...}
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    # Mistral's sliding-window attention span (None: full causal attention); train.seq_len must not exceed it
+    sliding_window: int | None = None
     initializer_range: float = 0.02
     # a local HF LLaMA folder (config.json + safetensors) to start from: it sets every shape key above
     # (hf_import.py); null trains from a random init
@@ -157,9 +163,9 @@ SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "d
 TOP_LEVEL = {"resume"}
 # Keys whose change makes a checkpoint incompatible (model shape, optimizer kind); everything else
 # (max_steps, logging, eval, lr schedule length) may change on resume.
-ARCH_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers", "model.num_attention_heads",
-             "model.num_key_value_heads", "model.vocab_size", "model.weight_quant", "model.group_size",
-             "model.tie_word_embeddings", "model.lean_head",
+ARCH_KEYS = ("model.architecture", "model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
+             "model.num_attention_heads", "model.num_key_value_heads", "model.head_dim", "model.vocab_size",
+             "model.weight_quant", "model.group_size", "model.tie_word_embeddings", "model.lean_head",
              "optim.name", "optim.rank", "optim.scale_type", "optim.float_optim", "optim.lean_optim", "train.batch_size",
              "train.seq_len")
 
