@@ -21,12 +21,10 @@ gate, silu(gate), up, their product; q is heads·head_dim wide, families.head_di
 (4+s)·N per element of q and k, BENCHMARKS.md issue 29). With activation checkpointing only each layer's
 input (s·N·h) is kept and one layer is recomputed at a time.
 
-What the prediction means: on CUDA, `torch.cuda.max_memory_allocated` (the CUDA context, ≈0.4 GiB, is
-reported beside it, not in it); on the CPU, the peak of live tensor bytes that meter.LiveTensorCounter
-measures (`rss_bytes` adds the process's own ≈0.45 GiB). The CPU differs from CUDA in two places that are
-modelled explicitly: fp32 float params by default, and bitsandbytes' CPU 8-bit Adam, which dequantizes both
-states to fp32 (≈18 bytes per element of transient; CUDA's fused kernel needs none). The measurements
-behind the constants are in BENCHMARKS.md.
+What the prediction means: CUDA's `max_memory_allocated` (the ≈0.4 GiB context reported beside it); on the
+CPU, the peak of live tensor bytes of meter.LiveTensorCounter (`rss_bytes` adds the process's ≈0.45 GiB), with
+fp32 float params by default and bitsandbytes' CPU 8-bit Adam dequantizing both states to fp32 (≈18 bytes per
+element of transient). The measurements behind the constants are in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -346,9 +344,8 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool = True, worl
     of `world_size` data-parallel ranks (each holds the whole model: only the all-reduce terms grow).
     chunked_loss=False plans HF's full-logits loss (the trainer always uses the chunked one).
 
-    Returns a dict with the components, each phase's total, 'phase' (the largest), 'peak_bytes'
-    (the prediction: max_memory_allocated on CUDA, peak live tensor bytes on CPU), 'context_bytes'
-    and 'rss_bytes' (CPU: peak + process overhead).
+    Returns the components, each phase's total, 'phase' (the largest), 'peak_bytes' (the prediction: see the
+    module docstring), 'context_bytes' and 'rss_bytes' (CPU: peak + process overhead).
     """
     st = step_of(cfg, device_type)
     kind = "adamw" if cfg.optim.name == "adamw" else cfg.optim.float_optim
@@ -374,17 +371,13 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool = True, worl
         "activations_bytes": acts, "activations_full_bytes": activation_bytes(st, False) + loss_saved,
         "activations_ckpt_bytes": activation_bytes(st, True) + loss_saved, "loss_saved_bytes": loss_saved,
         "largest_transient": {"dequantize": dequant_t, "matrix_grad": st.s * st.largest_matrix,
-                              # lean: one lm_head slice's gradient (never the whole V·h one)
-                              "embed_or_head_grad": st.s * head_rows * st.hidden,
+                              "embed_or_head_grad": st.s * head_rows * st.hidden,  # lean: one lm_head slice's
                               "logits_loss": loss_peak, "float_optim_update": max(head_update, embed_update),
                               "first_step_guard_copy": 0 if st.lean else guard_copy_bytes(st)},
-        "lean_head": st.lean,
-        "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
+        "lean_head": st.lean, "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
         "world_size": world_size, "data_parallel_bytes": dp,
-        "tokens_per_step": st.tokens * cfg.train.grad_accum_steps * world_size,
-        "cublas_workspace_bytes": extra,
-        "peak_bytes": peak,
-        "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
+        "tokens_per_step": st.tokens * cfg.train.grad_accum_steps * world_size, "cublas_workspace_bytes": extra,
+        "peak_bytes": peak, "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
         "rss_bytes": peak + CPU_PROCESS_BYTES if device_type == "cpu" else None,
     }
 
