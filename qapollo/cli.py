@@ -12,6 +12,7 @@ import sys
 
 from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
 from .errors import QapolloError
+from .stops import Interrupted, exit_code, signal_name
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:
@@ -28,11 +29,21 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     if args.resume:
         overrides.append(f"resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    result = train(cfg, progress=not args.no_progress)
+    try:
+        result = train(cfg, progress=not args.no_progress)
+    except Interrupted as e:  # a second Ctrl-C/SIGTERM: stopped at once, nothing saved
+        if is_main():
+            print(f"qapollo: {e}", file=sys.stderr, flush=True)
+        return exit_code(e.signum)
     loss = "" if math.isnan(result["loss"]) else f", loss {result['loss']:.4f}"  # nan: no step ran
-    if is_main():  # torchrun: rank 0 reports for all
-        print(f"done: step {result['step']}{loss}, tokens {result['tokens']}")
-    return 0
+    if is_main():  # torchrun: rank 0 reports for all; the step named is the one saved
+        if result["signal"] is not None:
+            print(f"stopped by {signal_name(result['signal'])}: saved step {result['step']} in "
+                  f"{result['checkpoint']}{loss}, tokens {result['tokens']}; continue with --resume auto", flush=True)
+        else:
+            print(f"done: step {result['step']}{loss}, tokens {result['tokens']}", flush=True)
+    # a run stopped by a signal exits as shells report one (130 SIGINT, 143 SIGTERM), so schedulers can tell
+    return 0 if result["signal"] is None else exit_code(result["signal"])
 
 
 def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
