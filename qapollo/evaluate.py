@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import EvalError
-from .harness import make_lm, require_lm_eval, task_manager
+from .harness import load_tasks, make_lm, require_lm_eval, task_manager
 from .inference import load_for_eval
 
 
@@ -125,9 +125,10 @@ def run_tasks(spec: str, tasks: list[str], include_path: str | None = None, num_
         raise EvalError(f"--include-path {include_path}: no such folder (it holds your task YAML files)")
     lm_eval = require_lm_eval()
     tm = task_manager(tasks, include_path)  # before the model is loaded: a typo costs nothing
+    loaded = load_tasks(tm, tasks)  # so does a data set that cannot be read
     model, tok, seq_len, ckpt = load_for_eval(spec, device, dtype, int8, group_size, progress=False)
     lm = make_lm(model, tok, model.config.max_position_embeddings, batch_size)
-    res = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+    res = lm_eval.evaluator.simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, limit=limit,
                                             task_manager=tm, log_samples=False, random_seed=seed,
                                             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     if output:

@@ -168,6 +168,14 @@ CASES = {
     "eval tasks with a missing include path": (
         lambda c: ["eval", c.shared.run_dir, "--tasks", "mine", "--include-path", f"{c.tmp}/tasks"],
         "--include-path", 0),
+    "plot of a missing folder": (lambda c: ["plot", f"{c.tmp}/nope", "-o", str(c.tmp / "loss.png")],
+                                 "nope: no such folder; pass run directories (holding metrics.jsonl)", 0),
+    "streamed hub data set offline": (
+        lambda c: T(c, "data.path=null", "data.dataset=qapollo-test/no-such-set", "data.streaming=true",
+                    "data.max_tokens=1000"),
+        "Couldn't reach 'qapollo-test/no-such-set' on the Hub (OfflineModeIsEnabled): a hub data set needs the "
+        "network each time it is streamed", 1),
+    "wandb without a login": (lambda c: T(c, "train.wandb=true"), "train.wandb=true: W&B has no login", 0),
     "tokenizer training without a corpus": (
         lambda c: ["tokenizer", "train", f"{c.tmp}/none/*.txt", "--vocab", "100", str(c.tmp / "tok")],
         "corpus '" , 0),
@@ -205,6 +213,17 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, shared, tmp_pa
         import shutil
         real = shutil.disk_usage
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    if case == "streamed hub data set offline":  # as HF_HUB_OFFLINE=1 does when set before datasets is imported
+        import datasets
+        import huggingface_hub
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    if case == "wandb without a login":  # no key in the environment or ~/.netrc, not offline
+        pytest.importorskip("wandb")
+        for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path.parent / "wandb-config"))
     cache = corpus["data.cache_dir"]
     before = snapshot(tmp_path, shared.dir, skip={cache})
     cache_before = sorted(os.listdir(cache)) if os.path.isdir(cache) else []
