@@ -40,7 +40,8 @@ def token_stream(files: list[str], tok, text_field: str, max_tokens: int | None,
     with tempfile.TemporaryDirectory() as d, \
             tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
         out = os.path.join(d, "tokens.bin")
-        write_tokens(iter_file_documents(paths, text_field), tok, out, dtype, max_tokens, bar, default_num_proc())
+        docs = iter_file_documents(paths, text_field, field_key="--text-field", files_key="--data")
+        write_tokens(docs, tok, out, dtype, max_tokens, bar, default_num_proc())
         return np.fromfile(out, dtype=dtype)
 
 

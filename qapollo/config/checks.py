@@ -47,7 +47,9 @@ def validate(cfg: Config) -> None:
     need(t.seq_len >= 2, f"train.seq_len must be >= 2 (got {t.seq_len}): a sequence needs a token to predict")
     need(t.seq_len <= m.max_position_embeddings,
          f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}: lower "
-         f"train.seq_len or raise model.max_position_embeddings (for a new run)")
+         + (f"train.seq_len to {m.max_position_embeddings} or less (model.init_from's config.json sets the context "
+            f"the model was trained for)" if m.init_from else
+            "train.seq_len or raise model.max_position_embeddings (for a new run)"))
     need(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
     need(t.accum_mode in ("exact", "lagged"), f"train.accum_mode must be exact or lagged, got '{t.accum_mode}'")
     need(t.accum_mode == "exact" or o.name != "adamw",
@@ -125,7 +127,7 @@ def _validate_run(cfg: Config, need) -> None:
          f"data.num_proc must be >= 1 or null (one per core), got {cfg.data.num_proc}")
     need(all(isinstance(p, str) and p.strip() for p in e.sample_prompts),
          f"eval.sample_prompts must be a list of non-empty strings, got {e.sample_prompts!r}")
-    need(1 <= e.sample_tokens < cfg.model.max_position_embeddings,
+    need(not e.sample_prompts or 1 <= e.sample_tokens < cfg.model.max_position_embeddings,  # used with prompts only
          f"eval.sample_tokens must be >= 1 and below model.max_position_embeddings "
          f"{cfg.model.max_position_embeddings} (got {e.sample_tokens})")
 
