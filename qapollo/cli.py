@@ -12,15 +12,18 @@ import sys
 
 from .config import DEFAULT_CONFIG  # noqa: F401  (run_7b.py takes it from here)
 from .errors import QapolloError
+from .stops import Interrupted, exit_code, signal_name
 
 
 def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qapollo train", description="Pre-train a LLaMA with int8 weights and APOLLO-Mini.")
-    ap.add_argument("--config", default=default_config, help="YAML run config (default: %(default)s)")
+    ap.add_argument("--config", default=default_config,
+                    help="YAML run config (default: " + (default_config or "qapollo's built-in defaults, a 512-wide "
+                                                         "8-layer model; configs/llama_7b.yaml is the 7B recipe") + ")")
     ap.add_argument("--resume", default=None, help="checkpoint dir, run dir, or 'auto'")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005 train.max_steps=200")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the flags (--resume auto train.max_steps=5)
     from .config import load_config
     from .distributed import is_main
     from .train import train
@@ -28,11 +31,24 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     if args.resume:
         overrides.append(f"resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    result = train(cfg, progress=not args.no_progress)
+    if args.config is None and not cfg.model.init_from and is_main():  # run_7b.py passes the 7B recipe
+        print("qapollo: note: no --config: training qapollo's built-in defaults (a 512-wide, 8-layer model), not the "
+              "7B recipe (--config configs/llama_7b.yaml, or python run_7b.py)", file=sys.stderr)
+    try:
+        result = train(cfg, progress=not args.no_progress)
+    except Interrupted as e:  # a second Ctrl-C/SIGTERM: stopped at once, nothing saved
+        if is_main():
+            print(f"qapollo: {e}", file=sys.stderr, flush=True)
+        return exit_code(e.signum)
     loss = "" if math.isnan(result["loss"]) else f", loss {result['loss']:.4f}"  # nan: no step ran
-    if is_main():  # torchrun: rank 0 reports for all
-        print(f"done: step {result['step']}{loss}, tokens {result['tokens']}")
-    return 0
+    if is_main():  # torchrun: rank 0 reports for all; the step named is the one saved
+        if result["signal"] is not None:
+            print(f"stopped by {signal_name(result['signal'])}: saved step {result['step']} in "
+                  f"{result['checkpoint']}{loss}, tokens {result['tokens']}; continue with --resume auto", flush=True)
+        else:
+            print(f"done: step {result['step']}{loss}, tokens {result['tokens']}", flush=True)
+    # a run stopped by a signal exits as shells report one (130 SIGINT, 143 SIGTERM), so schedulers can tell
+    return 0 if result["signal"] is None else exit_code(result["signal"])
 
 
 def main(argv: list[str] | None = None, default_config: str | None = None) -> int:

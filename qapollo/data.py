@@ -133,6 +133,10 @@ class _Source:
             raise DataError(f"{self.desc}: {e}") from None
         except FileNotFoundError as e:
             raise DataError(f"data.dataset {self.name!r} not found ({e}); give a local folder or a hub name (online)") from None
+        except ConnectionError as e:  # offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or no network)
+            when = "each time it is streamed" if self.streaming else "once (then datasets caches it)"
+            raise DataError(f"{self.desc}: {e}: a hub data set needs the network {when}; go online, or save it "
+                            f"with Dataset.save_to_disk and set data.dataset to that folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------

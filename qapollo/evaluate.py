@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import EvalError
-from .harness import make_lm, require_lm_eval, task_manager
+from .harness import load_tasks, make_lm, require_lm_eval, task_manager
 from .inference import load_for_eval
 
 
@@ -40,7 +40,8 @@ def token_stream(files: list[str], tok, text_field: str, max_tokens: int | None,
     with tempfile.TemporaryDirectory() as d, \
             tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
         out = os.path.join(d, "tokens.bin")
-        write_tokens(iter_file_documents(paths, text_field), tok, out, dtype, max_tokens, bar, default_num_proc())
+        docs = iter_file_documents(paths, text_field, field_key="--text-field", files_key="--data")
+        write_tokens(docs, tok, out, dtype, max_tokens, bar, default_num_proc())
         return np.fromfile(out, dtype=dtype)
 
 
@@ -125,9 +126,10 @@ def run_tasks(spec: str, tasks: list[str], include_path: str | None = None, num_
         raise EvalError(f"--include-path {include_path}: no such folder (it holds your task YAML files)")
     lm_eval = require_lm_eval()
     tm = task_manager(tasks, include_path)  # before the model is loaded: a typo costs nothing
+    loaded = load_tasks(tm, tasks)  # so does a data set that cannot be read
     model, tok, seq_len, ckpt = load_for_eval(spec, device, dtype, int8, group_size, progress=False)
     lm = make_lm(model, tok, model.config.max_position_embeddings, batch_size)
-    res = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+    res = lm_eval.evaluator.simple_evaluate(model=lm, tasks=loaded, num_fewshot=num_fewshot, limit=limit,
                                             task_manager=tm, log_samples=False, random_seed=seed,
                                             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     if output:

@@ -17,6 +17,7 @@ from .checkpoint import resume_target
 from .config import PRESET_8GB
 from .errors import QapolloError
 from .planner import fmt, predict_peak
+from .stops import Interrupted
 
 _OOM_TYPES = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
@@ -42,6 +43,8 @@ def on_step_failure(e: BaseException, step: int, run_dir: str, cfg, device: torc
     loss or gradient) keep their type, so callers can still catch them, with the resume point added to
     their message. Anything else is a bug: the same first part is printed, then its traceback.
     """
+    if isinstance(e, Interrupted):  # a second Ctrl-C/SIGTERM says itself what it did
+        return e
     what, tail = _what(e), ""
     if is_out_of_memory(e):
         tail = "; " + oom_advice(cfg, device, plan)

@@ -78,9 +78,27 @@ def make_lm(model, tok, max_length: int, batch_size: int):
     return QapolloLM()
 
 
-@torch.no_grad()
 def score(lm, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per pair."""
+    """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per pair.
+
+    The context is cut from the left to fit the model's max_length; a continuation longer than that is
+    scored in pieces of max_length tokens, each with as much of the text before it as fits (every token once).
+    """
+    pieces, owner = [], []
+    for i, (ctx, cont) in enumerate(pairs):
+        whole = ctx + cont
+        for a in range(len(ctx), len(whole), lm.max_length):
+            pieces.append((whole[:a], whole[a:a + lm.max_length]))
+            owner.append(i)
+    out = [(0.0, True)] * len(pairs)
+    for i, (lp, greedy) in zip(owner, _score(lm, pieces)):
+        out[i] = (out[i][0] + lp, out[i][1] and greedy)
+    return out
+
+
+@torch.no_grad()
+def _score(lm, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """score() of pairs whose continuation fits max_length (the context is cut from the left)."""
     model, out = lm.model, [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     for b in range(0, len(order), lm.batch_size):
@@ -112,3 +130,32 @@ def task_manager(tasks: list[str], include_path: str | None):
         raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}: use lm-eval's names (e.g. hellaswag, arc_easy, "
                         f"piqa; `lm_eval ls tasks` lists them) or --include-path DIR for your own task YAML files")
     return tm
+
+
+def load_tasks(tm, tasks: list[str]) -> list:
+    """lm-eval's task (or group) objects of `tasks`, their data sets loaded: before the model is, and a data set
+    that cannot be read (offline, a data file not found) is one error line."""
+    objs = []
+    for name in tasks:
+        try:
+            loaded = tm.load([name])
+        except Exception as e:  # the task's files and data set: what the user gave or asked for
+            raise EvalError(f"lm-eval could not load task {name}: {type(e).__name__}: {first_line(e)}; "
+                            f"{load_hint(e)}") from e
+        named = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        objs += [named] if named is not None else list(loaded["tasks"].values())  # a tag: its tasks
+    return objs
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def load_hint(e: BaseException) -> str:
+    if isinstance(e, ConnectionError) or "offline" in str(e).lower():
+        return ("its data set comes from the Hugging Face Hub, which needs the network once (then datasets caches "
+                "it): go online for the first run, or use a local task (--include-path)")
+    if isinstance(e, FileNotFoundError):
+        return (f"a task's data_files are read relative to the folder the command runs in ({os.getcwd()}), not to "
+                f"--include-path: run from the folder they are relative to, or make them absolute paths")
+    return "check the task's YAML file and its data set"

@@ -108,7 +108,8 @@ def apply_shape(cfg, shape: dict, source: str) -> None:
         mine = getattr(cfg.model, k)
         if f"model.{k}" in explicit and mine != shape[k]:
             raise HFImportError(f"model.{k}={mine!r} conflicts with {source}'s {k}={shape[k]!r}: model.init_from "
-                                f"sets the model shape; remove model.{k} from the config and overrides")
+                                f"sets the model shape; remove model.{k} from the config and overrides, or "
+                                f"unset it with model.{k}=null")
         setattr(cfg.model, k, shape[k])
     validate(cfg)
 
@@ -184,13 +185,14 @@ def check_tensors(path: str, found: dict, mcfg) -> None:
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
-def check_tokenizer(cfg, path: str) -> None:
-    """data.tokenizer defaults to the folder's own; its vocabulary must be the model's."""
+def check_tokenizer(cfg, path: str, other: str = " or set data.tokenizer") -> None:
+    """data.tokenizer defaults to the folder's own; its vocabulary must be the model's. `other`: how else to
+    give one (`qapollo eval` and `generate` have no tokenizer option: the folder's is the only one)."""
     from .tokenizer import load_tokenizer
     if cfg.data.tokenizer is None:
         if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
-            raise _fail(path, "has no tokenizer (tokenizer.json or tokenizer.model): copy the model's tokenizer "
-                              "files into it or set data.tokenizer")
+            raise _fail(path, f"has no tokenizer (tokenizer.json or tokenizer.model): copy the model's tokenizer "
+                              f"files into it{other}")
         cfg.data.tokenizer = path
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size != cfg.model.vocab_size:

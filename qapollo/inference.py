@@ -42,7 +42,8 @@ def load_hf_model(path: str, device: torch.device, dtype: str | None, int8: bool
     m.init_from, m.dtype, m.weight_quant, m.group_size = path, dtype or "auto", int8, group_size
     cfg.train.seq_len = 2  # evaluate() checks its seq_len against the model's context
     apply_shape(cfg, read_shape(path), f"{path}/config.json")
-    check_tokenizer(cfg, path)  # the folder's tokenizer, with the model's vocabulary
+    # the folder's tokenizer, with the model's vocabulary (eval and generate take no other)
+    check_tokenizer(cfg, path, other=" (the tokenizer the model was trained with; `qapollo export` writes it)")
     seq_len = min(cfg.model.max_position_embeddings, 2048)
     if int8:
         found = scan_tensors(path)

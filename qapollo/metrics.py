@@ -55,6 +55,14 @@ def require_wandb():
     except ImportError:
         raise MetricsError("train.wandb=true needs the wandb package: pip install wandb (or pip install -e "
                            "'.[wandb]'), or set train.wandb=false") from None
+    if os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun") and \
+            os.environ.get("WANDB_DISABLED", "").lower() not in ("true", "1"):
+        try:  # before the run starts, not at its first record: a missing login must not cost a step
+            wandb.login(verify=False)  # the environment's or ~/.netrc's key (a terminal is asked for one)
+        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:
+            raise MetricsError(f"train.wandb=true: W&B has no login ({e}); run `wandb login` or set WANDB_API_KEY, "
+                               f"or log offline with WANDB_MODE=offline (then `wandb sync`), or set train.wandb=false"
+                               ) from None
     return wandb
 
 

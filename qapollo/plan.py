@@ -14,11 +14,14 @@ from .planner import advice, fmt, predict_peak
 
 
 def parse_bytes(text: str) -> int:
-    """'12GiB', '12GB', '800MiB', '1.5G', '123456' → bytes (G/GiB = 2^30, GB = 10^9)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    """'12GiB', '12GB', '800MiB', '1.5G', '12' → bytes (G/GiB = 2^30, GB = 10^9; a bare number is GiB: no
+    one's card has 12 bytes)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
     if not m:
-        raise ValueError(f"cannot read a size from '{text}': use e.g. 12GiB, 800MiB, 10GB")
+        raise ValueError(f"cannot read a size from '{text}': use e.g. 12GiB, 800MiB, 10GB (a bare 12 is 12 GiB)")
     num, unit, suffix = float(m.group(1)), m.group(2).upper(), m.group(3) or ""
+    if not unit and not suffix:
+        unit = "G"
     base = 1000 if suffix.upper() == "B" and unit and not suffix.lower().startswith("i") else 1024
     return int(num * base ** {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit])
 
@@ -59,20 +62,21 @@ def format_plan(plan: dict, budget: int | None = None) -> str:
         total = plan["peak_bytes"] + plan["context_bytes"]
         ok = total <= budget
         out.append(f"  budget {fmt(budget)}: {'fits' if ok else 'DOES NOT FIT'} "
-                   f"({fmt(total)} incl. context, {fmt(budget - total)} {'left' if ok else 'over'})")
+                   f"({fmt(total)} incl. context, {fmt(abs(budget - total))} {'left' if ok else 'over'})")
     return "\n".join(out)
 
 
 def plan_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qapollo plan", description="Print the memory plan of a run config.")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="YAML run config (default: configs/llama_7b.yaml)")
-    ap.add_argument("--budget", default=None, help="memory budget, e.g. 12GiB: say whether the plan fits")
+    ap.add_argument("--budget", default=None, help="memory budget, e.g. 12GiB or 12 (GiB): say whether the plan "
+                    "fits (exit status 1 if not)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device to plan for (default cuda)")
     ap.add_argument("--nproc", type=int, default=1, metavar="N",
                     help="plan per GPU of N data-parallel ranks (torchrun --nproc_per_node N; default 1)")
     ap.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seq_len=2048")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     cfg = load_config(args.config, args.overrides)
     plan_shape(cfg)  # model.init_from: the shape of the folder's config.json
     if args.nproc < 1:
@@ -84,8 +88,10 @@ def plan_main(argv: list[str]) -> int:
         budget = parse_bytes(args.budget) if args.budget else None
     except ValueError as e:
         raise ConfigError(f"--budget: {e}") from None
-    print(json.dumps(plan) if args.json else format_plan(plan, budget))
-    if budget is not None and plan["peak_bytes"] + plan["context_bytes"] > budget:
+    fits = None if budget is None else plan["peak_bytes"] + plan["context_bytes"] <= budget
+    report = plan if budget is None else {**plan, "budget_bytes": budget, "fits": fits}
+    print(json.dumps(report) if args.json else format_plan(plan, budget))
+    if fits is False:
         print(f"to fit: {advice(plan)}", file=sys.stderr)
         lean = lean_suggestion(cfg, args.device, args.nproc, budget)
         if lean:

@@ -35,8 +35,7 @@ from .families import extra_float_elems, family, head_dim
 from .fused import wanted
 from .sizes import FLOAT_CHUNK_ELEMS, SKETCH_ROWS, chunk_elems, head_slice_rows, loss_chunk_rows
 
-GiB = 1 << 30
-MiB = 1 << 20
+GiB, MiB = 1 << 30, 1 << 20
 CUDA_CONTEXT_BYTES = int(0.4 * GiB)
 # cuBLAS(Lt) workspaces from the caching allocator on Hopper, 32 MiB per thread that runs matmuls (the
 # forward's and autograd's device thread)
@@ -374,8 +373,8 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool = True, worl
                               "embed_or_head_grad": st.s * head_rows * st.hidden,  # lean: one lm_head slice's
                               "logits_loss": loss_peak, "float_optim_update": max(head_update, embed_update),
                               "first_step_guard_copy": 0 if st.lean else guard_copy_bytes(st)},
-        "lean_head": st.lean, "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase,
-        "world_size": world_size, "data_parallel_bytes": dp,
+        "lean_head": st.lean, "activation_checkpointing": st.checkpointing, "world_size": world_size,
+        "phases": {k: v + persistent + extra for k, v in phases.items()}, "phase": phase, "data_parallel_bytes": dp,
         "tokens_per_step": st.tokens * cfg.train.grad_accum_steps * world_size, "cublas_workspace_bytes": extra,
         "peak_bytes": peak, "context_bytes": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0,
         "rss_bytes": peak + CPU_PROCESS_BYTES if device_type == "cpu" else None,
@@ -392,9 +391,10 @@ def one_line(plan: dict, device_name: str = "") -> str:
 
 def advice(plan: dict) -> str:
     """What to change when a plan does not fit."""
+    ckpt = "" if plan.get("activation_checkpointing") else "set model.activation_checkpointing=true, "  # not if on
     tips = {"loss": "lower train.batch_size or train.seq_len",
-            "layer": "set model.activation_checkpointing=true or lower train.batch_size / train.seq_len",
-            "head": "set model.activation_checkpointing=true, lower train.batch_size, or optim.float_optim=adam8bit",
+            "layer": f"{ckpt}lower train.batch_size / train.seq_len",
+            "head": f"{ckpt}lower train.batch_size, or optim.float_optim=adam8bit",
             "embed": "use optim.float_optim=adam8bit or a smaller model.vocab_size"}
     lean = "" if plan.get("lean_head") else ", or set model.lean_head=true (LLaMA-7B: configs/llama_7b_8gb.yaml)"
     return tips[plan["phase"].split()[0]] + "; or pick a smaller model config" + lean

@@ -4,7 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from .errors import QapolloError
 from .metrics import read_metrics
+
+
+class PlotError(QapolloError, FileNotFoundError):
+    """`qapollo plot` given no run directory, or without matplotlib."""
 
 
 def plot_runs(runs: dict[str, list[dict]], out: str, title: str = "") -> str:
@@ -14,7 +19,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str, title: str = "") -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise FileNotFoundError("plotting needs matplotlib: pip install 'qapollo[plot]'") from None
+        raise PlotError("plotting needs matplotlib: pip install 'qapollo[plot]'") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, recs in runs.items():
         tr = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
@@ -49,7 +54,8 @@ def plot_main(argv: list[str]) -> int:
     for d in args.runs:
         path = os.path.join(d, "metrics.jsonl")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no metrics.jsonl in '{d}': pass run directories such as checkpoints/<run>")
+            what = "no such folder" if not os.path.exists(d) else "no metrics.jsonl in it"
+            raise PlotError(f"{d}: {what}; pass run directories (holding metrics.jsonl) such as checkpoints/<run>")
         runs[os.path.basename(os.path.normpath(d))] = read_metrics(path)
     print(plot_runs(runs, args.out))
     return 0

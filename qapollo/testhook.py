@@ -1,5 +1,9 @@
 """TEST-ONLY crash injection: `QAPOLLO_TEST_HOOK=<point>@<step>` SIGKILLs this process at that point.
 
+`[<SIGNAL>/]<point>@<step>[,...]` sends another signal instead (`SIGINT/step@3,SIGINT/save:model@3`: a
+Ctrl-C between the micro-batches of step 3, a second one while checkpoint-3 is being written), so that
+tests/test_reliability.py lands interrupts at exact points instead of after a sleep.
+
 Never set it outside tests. tests/test_reliability.py uses it to land a `kill -9` exactly where a crash is
 most dangerous and checks that every checkpoint under its final name still loads and that
 `--resume auto` continues from the newest complete one. The points:
@@ -19,19 +23,22 @@ import signal
 import sys
 
 SPEC = os.environ.get("QAPOLLO_TEST_HOOK", "")
+# (signal name, "<point>@<step>") for each comma-separated entry
+_HOOKS = [(sig or "SIGKILL", where) for sig, _, where in (s.rpartition("/") for s in SPEC.split(",") if s)]
 
 
 def hit(point: str, step: int) -> None:
-    """SIGKILL the process if the hook names this point and step (no cleanup runs, as with kill -9)."""
-    if SPEC and SPEC == f"{point}@{step}":
-        print(f"qapollo test hook: SIGKILL at {SPEC}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Signal the process if the hook names this point and step (SIGKILL: no cleanup runs, as with kill -9)."""
+    for sig, where in _HOOKS:
+        if where == f"{point}@{step}":
+            print(f"qapollo test hook: {sig} at {where}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), getattr(signal, sig))
 
 
 def install(opt) -> None:
     """Wrap the optimizer's bookkeeping (layerwise.LayerwiseOptimizer) so that the `step` and `backward`
     points fire (only when set)."""
-    if not SPEC.startswith(("step@", "backward@")):
+    if not any(where.startswith(("step@", "backward@")) for _, where in _HOOKS):
         return
     begin, calls = opt.begin_step, {}
 

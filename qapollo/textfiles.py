@@ -76,7 +76,7 @@ def _txt_documents(path: str) -> Iterator[str]:
         yield "".join(para).strip("\n")
 
 
-def _jsonl_documents(path: str, field: str) -> Iterator[str]:
+def _jsonl_documents(path: str, field: str, field_key: str) -> Iterator[str]:
     with _open_text(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -88,11 +88,11 @@ def _jsonl_documents(path: str, field: str) -> Iterator[str]:
                                 f"(.jsonl files need one JSON object per line)") from None
             if not isinstance(row, dict) or field not in row:
                 keys = list(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{i}: no {field!r} field (found {keys}); set data.text_field")
+                raise DataError(f"{path}:{i}: no {field!r} field (found {keys}); set {field_key}")
             yield row[field]
 
 
-def _parquet_documents(path: str, field: str) -> Iterator[str]:
+def _parquet_documents(path: str, field: str, field_key: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -100,14 +100,16 @@ def _parquet_documents(path: str, field: str) -> Iterator[str]:
     except Exception as e:  # pyarrow raises several types for a non-parquet file
         raise DataError(f"{path} is not a readable parquet file ({e})") from None
     if field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no {field!r} column (found {pf.schema_arrow.names}); set data.text_field")
+        raise DataError(f"{path}: no {field!r} column (found {pf.schema_arrow.names}); set {field_key}")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         yield from batch.column(0).to_pylist()
 
 
-def _file_documents(path: str, field: str = "text") -> Iterator[str]:
+def _file_documents(path: str, field: str = "text", field_key: str = "data.text_field",
+                    files_key: str = "data.path") -> Iterator[str]:
     kind = _kind(path)
-    docs = _txt_documents(path) if kind == "txt" else _jsonl_documents(path, field) if kind == "jsonl" else _parquet_documents(path, field)
+    docs = (_txt_documents(path) if kind == "txt" else _jsonl_documents(path, field, field_key) if kind == "jsonl"
+            else _parquet_documents(path, field, field_key))
     n = 0
     try:
         for doc in docs:
@@ -119,10 +121,13 @@ def _file_documents(path: str, field: str = "text") -> Iterator[str]:
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise DataError(f"{path} cannot be read ({e}); check that the file and its compression are intact") from None
     if n == 0:
-        raise DataError(f"{path} has no text (empty file or only blank lines/empty {field!r} values); remove it from data.path")
+        raise DataError(f"{path} has no text (empty file or only blank lines/empty {field!r} values); remove it from {files_key}")
 
 
-def iter_file_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
+def iter_file_documents(paths: Iterable[str], text_field: str = "text", field_key: str = "data.text_field",
+                        files_key: str = "data.path") -> Iterator[str]:
+    """The documents of local files; errors name the options that set the field and the files (`qapollo eval`:
+    --text-field and --data)."""
     for p in paths:
-        yield from _file_documents(p, text_field)
+        yield from _file_documents(p, text_field, field_key, files_key)
 

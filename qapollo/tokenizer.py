@@ -160,8 +160,10 @@ def load_tokenizer(spec: str | None = None) -> Tokenizer:
                         f"sentencepiece .model file or a folder with tokenizer.model or tokenizer.json") from None
 
 
-def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2_000_000) -> Tokenizer:
-    """Train a LLaMA-like sentencepiece BPE on local files (any format qapollo.data reads).
+def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2_000_000,
+                    text_field: str = "text") -> Tokenizer:
+    """Train a LLaMA-like sentencepiece BPE on local files (any format qapollo.data reads; `text_field`: the
+    jsonl/parquet field holding the text).
 
     BPE, not unigram: transformers' LlamaTokenizer assumes BPE when it converts tokenizer.model, so a
     unigram model would tokenize differently after the HF export.
@@ -169,7 +171,8 @@ def train_tokenizer(files, vocab_size: int, out_dir: str, max_sentences: int = 2
     import sentencepiece as spm
 
     paths = resolve_paths(files, what="corpus")
-    lines = (ln for doc in iter_file_documents(paths) for ln in doc.split("\n") if ln.strip())
+    docs = iter_file_documents(paths, text_field, field_key="--text-field", files_key="the corpus")
+    lines = (ln for doc in docs for ln in doc.split("\n") if ln.strip())
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     spm.SentencePieceTrainer.train(
@@ -191,16 +194,29 @@ def tokenizer_main(argv: list[str]) -> int:
     """`qapollo tokenizer train CORPUS... --vocab N OUT/`"""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="qapollo tokenizer", description="Train a sentencepiece BPE tokenizer.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train a LLaMA-like BPE tokenizer on local text files")
-    tr.add_argument("corpus", nargs="+", help="files or globs (.txt, .jsonl, .parquet, optionally .gz/.xz)")
-    tr.add_argument("--vocab", type=int, required=True, help="vocabulary size, e.g. 32000")
-    tr.add_argument("out", help="output folder (gets tokenizer.model + tokenizer_config.json)")
-    args = ap.parse_args(argv)
+    if not argv or argv[0] != "train":  # one subcommand; a plain parser takes the flags anywhere (see below)
+        print("usage: qapollo tokenizer train CORPUS... --vocab N [--text-field F] [--force] OUT/")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    ap = argparse.ArgumentParser(prog="qapollo tokenizer train",
+                                 description="Train a LLaMA-like sentencepiece BPE tokenizer on local text files.")
+    ap.add_argument("corpus", nargs="+", help="files or globs (.txt, .jsonl, .parquet, optionally .gz/.xz)")
+    ap.add_argument("out", help="output folder (gets tokenizer.model + tokenizer_config.json)")
+    ap.add_argument("--vocab", type=int, required=True, help="vocabulary size, e.g. 32000")
+    ap.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text (default %(default)s)")
+    ap.add_argument("--force", action="store_true", help="replace the tokenizer files in a non-empty OUT")
+    args = ap.parse_intermixed_args(argv[1:])  # CORPUS... --vocab N OUT, the order the usage shows, works too
+    out = os.path.normpath(args.out)
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not args.force):
+        raise DataError(f"{out} exists and is not empty: choose another folder or pass --force to replace the "
+                        f"tokenizer files in it")
+    created = not os.path.exists(out)
     try:
-        tok = train_tokenizer(args.corpus, args.vocab, args.out)
-    except RuntimeError as e:  # sentencepiece's trainer, e.g. a vocabulary larger than the corpus allows
-        raise DataError(f"tokenizer training failed: {str(e).strip().splitlines()[0]}") from None
-    print(f"wrote {args.out} (vocab {tok.vocab_size}); use it with data.tokenizer={args.out}")
+        tok = train_tokenizer(args.corpus, args.vocab, out, text_field=args.text_field)
+    except BaseException as e:
+        if created:  # a failed run leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, RuntimeError):  # sentencepiece's trainer, e.g. a vocabulary larger than the corpus allows
+            raise DataError(f"tokenizer training failed: {str(e).strip().splitlines()[0]}") from None
+        raise
+    print(f"wrote {out} (vocab {tok.vocab_size}); use it with data.tokenizer={out}")
     return 0

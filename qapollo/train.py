@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 
 import torch
@@ -29,6 +28,7 @@ from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require
 from .model import count_params
 from .optim.schedule import largest_stable_lrs
 from .planner import advice, fmt, one_line, predict_peak
+from .stops import Interrupted, StopSignals
 from .tokenizer import check_vocab, load_tokenizer
 
 
@@ -40,7 +40,8 @@ class Trainer:
         self.dist = distributed.init(pick_device(cfg.train.device))
         self.device = self.dist.device
         self.run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
-        self.stop_requested = False
+        self.stop_requested = False  # set by the first SIGINT/SIGTERM (stop_signal: which one)
+        self.stop_signal: int | None = None
         self.tokens_seen = 0
         self.last_eval = None
         self.plan = None
@@ -286,18 +287,24 @@ class Trainer:
                 for r in (generate(self.model, self.data.tokenizer, p, e.sample_tokens) for p in e.sample_prompts)]
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.stop_requested = True  # finish the current step, save, exit
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                signal.signal(s, handler)
-            except ValueError:  # not in the main thread (e.g. called from a test thread)
-                pass
+    def _on_stop_signal(self, signum: int) -> str:
+        """The first SIGINT/SIGTERM (stops.py): finish the step under way, save, end; says which step."""
+        self.stop_requested, self.stop_signal = True, signum
+        return f"stopping after step {self.dirty_step or self.opt.step_count}, then saving"
 
     def fit(self) -> dict:
+        """Train to train.max_steps, or until a SIGINT/SIGTERM; put the signal handlers found back after."""
+        stops = StopSignals(self._on_stop_signal, say=self.dist.is_main)
+        stops.install()
+        try:
+            return self._fit()
+        except Interrupted as e:  # a second signal: nothing saved, the last complete checkpoint is kept
+            raise e.naming(checkpoint.resume_target(self.run_dir)) from None
+        finally:
+            stops.restore()
+
+    def _fit(self) -> dict:
         t = self.cfg.train
-        self._install_signal_handlers()
         testhook.install(self.opt)  # test-only crash points; a no-op unless QAPOLLO_TEST_HOOK is set
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -329,7 +336,10 @@ class Trainer:
         bar.close()
         self.save()
         self.metrics.close()
-        return {"step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen, **record}
+        # the step saved, not the last one logged; `signal`: what stopped the run before train.max_steps
+        stopped = self.stop_signal if self.opt.step_count < t.max_steps else None
+        return {**record, "step": self.opt.step_count, "loss": loss, "tokens": self.tokens_seen,
+                "checkpoint": self.checkpoint_path, "signal": stopped}
 
     def _log(self, step: int, loss: float, lr: float, bar) -> dict:
         """One metrics record (with eval and samples when due), to metrics.jsonl and the progress bar."""

@@ -79,6 +79,21 @@ def _nonempty(c):
     return str(c.tmp / "hf")
 
 
+def _hf_shape(c):
+    """An HF LLaMA folder with only its config.json (context 32): enough for the shape and tokenizer checks."""
+    from transformers import LlamaConfig
+    d = c.tmp / "hf32"
+    d.mkdir()
+    LlamaConfig(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=512, max_position_embeddings=32).to_json_file(str(d / "config.json"))
+    return str(d)
+
+
+# the tiny config's shape keys unset (model.KEY=null), so that model.init_from's config.json sets them
+UNSET = ["model.hidden_size=null", "model.intermediate_size=null", "model.num_hidden_layers=null",
+         "model.num_attention_heads=null", "model.vocab_size=null", "model.max_position_embeddings=null"]
+
+
 def T(c, *over, resume=None):
     return ["train", "--config", c.yml, "--no-progress"] + (["--resume", resume] if resume else []) + list(over)
 
@@ -168,6 +183,28 @@ CASES = {
     "eval tasks with a missing include path": (
         lambda c: ["eval", c.shared.run_dir, "--tasks", "mine", "--include-path", f"{c.tmp}/tasks"],
         "--include-path", 0),
+    "plot of a missing folder": (lambda c: ["plot", f"{c.tmp}/nope", "-o", str(c.tmp / "loss.png")],
+                                 "nope: no such folder; pass run directories (holding metrics.jsonl)", 0),
+    "streamed hub data set offline": (
+        lambda c: T(c, "data.path=null", "data.dataset=qapollo-test/no-such-set", "data.streaming=true",
+                    "data.max_tokens=1000"),
+        "Couldn't reach 'qapollo-test/no-such-set' on the Hub (OfflineModeIsEnabled): a hub data set needs the "
+        "network each time it is streamed", 1),
+    "wandb without a login": (lambda c: T(c, "train.wandb=true"), "train.wandb=true: W&B has no login", 0),
+    "eval of a jsonl without the text field": (
+        lambda c: ["eval", c.shared.run_dir, "--data", _write(c.tmp / "b.jsonl", '{"body": "Some text."}\n')],
+        "b.jsonl:1: no 'text' field (found ['body']); set --text-field", 0),
+    "eval of an HF folder without a tokenizer": (
+        lambda c: ["eval", _hf_shape(c), "--data", c.shared.dataset],
+        "has no tokenizer (tokenizer.json or tokenizer.model): copy the model's tokenizer files into it (the "
+        "tokenizer the model was trained with; `qapollo export` writes it)", 0),
+    "init_from with a seq_len beyond its context": (
+        lambda c: T(c, f"model.init_from={_hf_shape(c)}", *UNSET, "train.seq_len=48"),
+        "train.seq_len 48 exceeds model.max_position_embeddings 32: lower train.seq_len to 32 or less "
+        "(model.init_from's config.json sets", 0),
+    "tokenizer training into a non-empty folder": (
+        lambda c: ["tokenizer", "train", c.shared.dataset + "/../austen.txt", "--vocab", "400", _nonempty(c)],
+        "hf exists and is not empty: choose another folder or pass --force", 0),
     "tokenizer training without a corpus": (
         lambda c: ["tokenizer", "train", f"{c.tmp}/none/*.txt", "--vocab", "100", str(c.tmp / "tok")],
         "corpus '" , 0),
@@ -205,6 +242,18 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, shared, tmp_pa
         import shutil
         real = shutil.disk_usage
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    if case == "streamed hub data set offline":  # as HF_HUB_OFFLINE=1 does when set before datasets is imported
+        import datasets
+        import huggingface_hub
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    if case == "wandb without a login":  # no key in the environment or ~/.netrc, not offline
+        wandb = pytest.importorskip("wandb")
+        request.addfinalizer(wandb.teardown)  # W&B keeps the settings it read (mode online) for later runs
+        for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path.parent / "wandb-config"))
     cache = corpus["data.cache_dir"]
     before = snapshot(tmp_path, shared.dir, skip={cache})
     cache_before = sorted(os.listdir(cache)) if os.path.isdir(cache) else []

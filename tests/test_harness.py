@@ -89,3 +89,57 @@ def test_unknown_task_and_missing_lm_eval_are_one_line(trained, capsys, monkeypa
     assert main(["eval", trained, "--tasks", "hellaswag"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "pip install lm_eval" in err[0]
+
+
+def test_task_data_that_cannot_be_read_is_one_line_before_the_model_loads(trained, tmp_path, capsys, monkeypatch):
+    """A relative --include-path from another folder (the task's data_files are relative to the repository
+    root), and a task whose data set is on the Hub while offline: one error line each, no traceback."""
+    pytest.importorskip("lm_eval")
+    import datasets
+    import huggingface_hub
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 before the import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = []
+    monkeypatch.setattr("qapollo.evaluate.load_for_eval", lambda *a, **k: loaded.append(a))
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(os.path.join(ROOT, TASKS), tmp_path)
+    assert main(["eval", trained, "--tasks", "qapollo_tiny_mc", "--include-path", rel]) == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "could not load task qapollo_tiny_mc: FileNotFoundError" in line and "tiny_mc.jsonl" in line, err
+    assert f"data_files are read relative to the folder the command runs in ({tmp_path})" in line
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "t.yaml").write_text(
+        "task: qapollo_hub_task\ndataset_path: qapollo-test/no-such-set\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    assert main(["eval", trained, "--tasks", "qapollo_hub_task", "--include-path", "hub"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "could not load task qapollo_hub_task: ConnectionError" in line and "needs the network" in line, err
+    assert "Traceback" not in err and loaded == []  # refused before the model was loaded
+
+
+def test_a_continuation_longer_than_the_context_is_scored_in_windows(trained):
+    """Each continuation token is scored once, with as much text before it as fits in max_length (the context
+    is cut from the left); the pieces' log-probs add up. Before: a RuntimeError from a negative slice."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from qapollo.harness import make_lm
+    model, tok, _, _ = load_for_eval(trained, "cpu", progress=False)
+    context, cont = "Friends, Romans, countrymen,", " lend me your ears; I come to bury Caesar, not to praise him."
+    lm = make_lm(model, tok, max_length=8, batch_size=3)
+    ctx_ids, cont_ids = lm._encode_pair(context, cont)
+    assert len(cont_ids) > 2 * 8  # three pieces of at most 8 tokens
+    ((got, greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, cont), 0)])
+    whole, want = ctx_ids + cont_ids, 0.0
+    with torch.no_grad():
+        for i in range(len(ctx_ids), len(whole)):
+            piece_end = len(ctx_ids) + ((i - len(ctx_ids)) // 8 + 1) * 8  # the end of the piece token i is in
+            start = max(0, min(piece_end, len(whole)) - 1 - 8)  # its window: the 8 inputs before the piece's end
+            logits = model(input_ids=torch.tensor([whole[start:i]])).logits[0, -1].float()
+            want += float(torch.log_softmax(logits, -1)[whole[i]])
+    assert got == pytest.approx(want, abs=1e-3) and greedy is False
+    wide = make_lm(model, tok, max_length=64, batch_size=3)  # all of it fits: one forward, as computed directly
+    ((full, _),) = wide.loglikelihood([Instance("loglikelihood", {}, (context, cont), 0)])
+    assert full == pytest.approx(logprob(model, tok, context, cont), abs=1e-3)

@@ -245,3 +245,58 @@ def test_disk_without_room_for_one_checkpoint_fails_before_anything_is_built(cor
                                                 r"about .* MiB and 1\.0 MiB are free.*no checkpoint of this run"):
         tr.setup()
     assert not hasattr(tr, "model") and not hasattr(tr, "data") and not os.path.exists(tmp_path / "out")
+
+
+# ---- Ctrl-C and SIGTERM ---------------------------------------------------------------------------
+def train_with_signals(corpus, tmp_path, hook, run_name="s", log_every=1):  # noqa: F811
+    """`qapollo train` on the tiny config (10 steps, a checkpoint every 2) with signals sent by the test hook;
+    returns the exit code, the output (stdout and stderr in order) and the run dir."""
+    yml = tmp_path / "tiny.yaml"
+    conf = tiny_yaml(corpus, tmp_path / "out", run_name)
+    conf["train"]["log_every"] = log_every
+    yml.write_text(yaml.safe_dump(conf))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, QAPOLLO_TEST_HOOK=hook)
+    r = subprocess.run([sys.executable, "-m", "qapollo.cli", "train", "--config", str(yml), "--no-progress"],
+                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
+    return r.returncode, r.stdout, str(tmp_path / "out" / run_name)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_finishes_the_step_saves_it_names_it_and_exits_128_plus_signal(corpus, tmp_path, sig, code):  # noqa: F811
+    # between step 3's micro-batches; logged every 2 steps, so the last step logged (2) is not the one saved
+    rc, out, run_dir = train_with_signals(corpus, tmp_path, f"{sig}/step@3", log_every=2)
+    assert rc == code, out[-3000:]
+    again = "Ctrl-C again" if sig == "SIGINT" else "a second SIGTERM"
+    assert f"qapollo: {sig}: stopping after step 3, then saving ({again} stops at once without saving)" in out
+    ckpt3 = os.path.join(run_dir, "checkpoint-3")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {sig}: saved step 3 in {ckpt3}, loss ") and "--resume auto" in last, last
+    assert [s for s, _ in ck.list_checkpoints(run_dir)] == [3, 2]
+    assert open(os.path.join(run_dir, "latest")).read().strip() == "checkpoint-3"
+    cfg = make_cfg(corpus, tmp_path / "out", "s", train__max_steps=4, train__save_every=2)
+    cfg.train.grad_accum_steps, cfg.optim.update_proj_gap = 2, 2
+    tr = run(cfg, resume="auto")  # the checkpoint on disk resumes
+    assert tr.checkpoint_path == os.path.join(run_dir, "checkpoint-4") and tr.opt.step_count == 4
+    assert [r["step"] for r in map(yaml.safe_load, open(os.path.join(run_dir, "metrics.jsonl")))] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("second, code, where", [
+    ("SIGINT/save:model@3", 130, "half-way through writing checkpoint-3"),
+    ("SIGINT/save:latest@3", 130, "`latest` names checkpoint-3, not yet renamed into place"),
+    ("SIGTERM/backward@3", 143, "in step 3's backward: the step is abandoned"),
+])
+def test_a_second_signal_stops_at_once_and_leaves_the_last_checkpoint_as_it_was(corpus, tmp_path, second, code,  # noqa: F811
+                                                                                  where):
+    rc, out, run_dir = train_with_signals(corpus, tmp_path, f"SIGINT/step@3,{second}")
+    assert rc == code, (where, out[-3000:])
+    assert "qapollo: SIGINT: stopping after step 3, then saving" in out
+    ckpt2 = os.path.join(run_dir, "checkpoint-2")
+    last = out.strip().splitlines()[-1]
+    assert last == (f"qapollo: stopped at once by a second {second.split('/')[0]}, without saving; the last saved "
+                    f"step is 2 ({ckpt2}), where --resume auto continues"), (where, last)
+    assert "Traceback" not in out and "saved step 3" not in out
+    # no half-written checkpoint, `latest` names the one before, which is intact
+    assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "latest", "metrics.jsonl"], where
+    assert open(os.path.join(run_dir, "latest")).read().strip() == "checkpoint-2"
+    ck.check_files(ckpt2, ck.read_state(ckpt2))
+    assert ck.resume_target(run_dir) == ckpt2

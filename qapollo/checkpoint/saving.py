@@ -78,6 +78,7 @@ def save(run_dir: str, step: int, states: dict, *, config, tokenizer=None, keep:
     tmp = os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
     os.makedirs(tmp)
     t0 = time.perf_counter()
+    previous = _read_latest(run_dir)
     try:
         files = _write_checkpoint(tmp, step, states, config, tokenizer)
         # `latest` first: a crash before the rename leaves it naming a missing folder, and resume falls
@@ -92,8 +93,10 @@ def save(run_dir: str, step: int, states: dict, *, config, tokenizer=None, keep:
         else:
             os.replace(tmp, final)  # atomic; fails rather than overwrite a non-empty folder
         fsync_dir(run_dir)
-    except BaseException as e:
+    except BaseException as e:  # also a second Ctrl-C (stops.Interrupted): the last checkpoint stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(final) and _read_latest(run_dir) == name:
+            _restore_latest(run_dir, previous)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskSpaceError(f"the disk filled up while writing {name} in {run_dir} ({e.strerror}): the "
                                  f"partial checkpoint was removed; {kept_note(run_dir)}; free some space, then "
@@ -197,10 +200,30 @@ def _write_latest(run_dir: str, name: str) -> None:
     fsync_dir(run_dir)
 
 
+def _read_latest(run_dir: str) -> str | None:
+    try:
+        with open(os.path.join(run_dir, "latest")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _restore_latest(run_dir: str, previous: str | None) -> None:
+    """A save that did not complete: `latest` names the checkpoint it named before (or none)."""
+    if previous:
+        _write_latest(run_dir, previous)
+    else:
+        os.remove(os.path.join(run_dir, "latest"))
+
+
 def _rotate(run_dir: str, limit: int, keep: str) -> None:
     """Keep `keep` (the checkpoint just written) and the newest limit-1 others; limit <= 0 keeps all."""
     if limit <= 0:
         return
     others = [p for _, p in list_checkpoints(run_dir) if os.path.abspath(p) != os.path.abspath(keep)]
     for p in others[limit - 1:]:
-        shutil.rmtree(p, ignore_errors=True)
+        # renamed first (atomic), then removed: an interrupted removal leaves a hidden .old- folder, which the
+        # next save clears, never a half-deleted folder under a checkpoint-<step> name
+        old = os.path.join(run_dir, f".old-{os.path.basename(p)}-{os.getpid()}")
+        os.replace(p, old)
+        shutil.rmtree(old, ignore_errors=True)

@@ -47,7 +47,9 @@ def validate(cfg: Config) -> None:
     need(t.seq_len >= 2, f"train.seq_len must be >= 2 (got {t.seq_len}): a sequence needs a token to predict")
     need(t.seq_len <= m.max_position_embeddings,
          f"train.seq_len {t.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}: lower "
-         f"train.seq_len or raise model.max_position_embeddings (for a new run)")
+         + (f"train.seq_len to {m.max_position_embeddings} or less (model.init_from's config.json sets the context "
+            f"the model was trained for)" if m.init_from else
+            "train.seq_len or raise model.max_position_embeddings (for a new run)"))
     need(m.sliding_window is None or t.seq_len <= m.sliding_window,
          f"{m.architecture} with sliding_window {m.sliding_window} < train.seq_len {t.seq_len}: sliding-window "
          f"attention is not supported (qapollo trains full causal attention); use train.seq_len <= {m.sliding_window}")
@@ -131,7 +133,7 @@ def _validate_run(cfg: Config, need) -> None:
          f"data.num_proc must be >= 1 or null (one per core), got {cfg.data.num_proc}")
     need(all(isinstance(p, str) and p.strip() for p in e.sample_prompts),
          f"eval.sample_prompts must be a list of non-empty strings, got {e.sample_prompts!r}")
-    need(1 <= e.sample_tokens < cfg.model.max_position_embeddings,
+    need(not e.sample_prompts or 1 <= e.sample_tokens < cfg.model.max_position_embeddings,  # used with prompts only
          f"eval.sample_tokens must be >= 1 and below model.max_position_embeddings "
          f"{cfg.model.max_position_embeddings} (got {e.sample_tokens})")
 

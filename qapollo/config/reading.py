@@ -88,6 +88,12 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     if parts[1] not in hints:
         valid = ", ".join(f.name for f in fields(section))
         raise ConfigError(f"unknown config key '{dotted}'; valid keys of '{parts[0]}': {valid}")
+    if parts[0] == "model" and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+        # model.KEY=null unsets the key (its default, as if no file had set it): the override that lets
+        # model.init_from set a shape key another config file gave
+        setattr(section, parts[1], getattr(type(section)(), parts[1]))
+        explicit_keys(cfg).discard(dotted)
+        return
     setattr(section, parts[1], _coerce(value, hints[parts[1]], dotted))
     explicit_keys(cfg).add(dotted)
 

@@ -11,6 +11,7 @@ storage and the rounding. Nothing here imports the rest of qapollo.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -20,6 +21,18 @@ from . import apollo
 
 # Float tensors' optimizers run over row chunks of at most this many elements (planner.py plans with it)
 FLOAT_CHUNK_ELEMS = 1 << 22
+
+
+def _not_the_4bit_kernel_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def import_bitsandbytes():
+    """bitsandbytes, without its import-time warning that it could not fetch a 4-bit CPU matmul kernel from
+    the Hugging Face Hub (kernels-community): qapollo uses only its 8-bit AdamW, never 4-bit matmuls."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_4bit_kernel_note)
+    import bitsandbytes as bnb  # used as a library, never subclassed
+    return bnb
 
 
 def is_int8(target) -> bool:
@@ -211,7 +224,7 @@ class TorchAdamUpdater:
         self.finite = True
         betas = (ocfg.beta1, ocfg.beta2)
         if kind == "adam8bit":
-            import bitsandbytes as bnb  # used as a library, never subclassed
+            bnb = import_bitsandbytes()
             make = lambda ps: bnb.optim.AdamW8bit(ps, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
         else:
             make = lambda ps: torch.optim.AdamW(ps, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=weight_decay)
