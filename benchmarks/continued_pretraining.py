@@ -254,8 +254,8 @@ def run(a) -> dict:
 
     def evaluate():
         row = {"step": r.step, "tokens": r.step * BATCH * SEQ_LEN, "train_loss": (sum(losses) / len(losses)
-               if losses else None), **{k: round(heldout_loss(r.model, v), 5) for k, v in sets.items()},
-               "wall_s": round(time.time() - t0, 1)}
+               if losses else None), "train_losses": [round(x, 4) for x in losses],
+               **{k: round(heldout_loss(r.model, v), 5) for k, v in sets.items()}, "wall_s": round(time.time() - t0, 1)}
         rows.append(row)
         with open(evals_path, "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in rows)
