@@ -191,9 +191,9 @@ class AdamWRun:
         from qapollo.data import build_data
         from qapollo.tokenizer import load_tokenizer
         cfg = qapollo_config(argparse.Namespace(**{**vars(a), "method": "qapollo"}), steps, run_dir)
-        torch.manual_seed(a.seed)
+        torch.manual_seed(a.seed)  # the model's own tokenizer, as the Trainer takes it from model.init_from
         self.data = build_data(cfg.data, seq_len=SEQ_LEN, batch_size=BATCH, seed=a.seed, eval_tokens=cfg.eval.tokens,
-                               tokenizer=load_tokenizer(cfg.data.tokenizer))
+                               tokenizer=load_tokenizer(MODEL_DIR))
         self.model = LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
         self.model.gradient_checkpointing_enable()
         self.model.train()
