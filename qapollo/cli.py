@@ -27,7 +27,11 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"resume={args.resume}")
-    cfg = load_config(args.config, overrides)
+    if args.config is None and args.resume not in (None, "auto"):  # the checkpoint's own config
+        from .checkpoint import resume_config
+        cfg = resume_config(args.resume, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
     result = train(cfg, progress=not args.no_progress)
     loss = "" if math.isnan(result["loss"]) else f", loss {result['loss']:.4f}"  # nan: no step ran
     if is_main():  # torchrun: rank 0 reports for all

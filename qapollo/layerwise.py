@@ -310,17 +310,22 @@ class LayerwiseOptimizer:
         return any(m.weight_grad is not None for _, m in int8_modules(self.model)) or \
             any(p.grad is not None for n, p in self.model.named_parameters() if n in self.updaters)
 
-    def end_step(self, check: bool = False) -> None:
+    def end_step(self, check: bool = False, mean_taken: bool = False) -> None:
         """Call after the last micro-batch's backward: apply what is still pending (its last micro-batch
-        was skipped), commit the lagged scales, verify every tensor stepped, count the step."""
+        was skipped), commit the lagged scales, verify every tensor stepped, count the step. mean_taken: the
+        caller divided the losses among the micro-batches it ran (transformers' Trainer does in an epoch's
+        last, shorter window), so their sum is already their mean: nothing is scaled by K/used."""
         if self._pending():
-            self._grad_scale = self._mean_scale(self._micro_done)
+            self._grad_scale = 1.0 if mean_taken else self._mean_scale(self._micro_done)
             self.step_pending(check)
             self.after_backward()
             self._micro_done -= 1  # not a micro-batch of its own
+        # a window of replays, or a shorter one whose mean the caller took, is not K distinct micro-batches:
+        # it cannot measure their alignment; the latter commits as a whole window of those it had
+        short = mean_taken and 0 < self._micro_done < self.grad_accum_steps
         for u in self.updaters.values():
-            if isinstance(u, ApolloUpdater):  # a window of replays cannot measure the micro-batches' alignment
-                u.commit(measured=not self._replays)
+            if isinstance(u, ApolloUpdater):
+                u.commit(measured=not (self._replays or short), window=self._micro_done if short else None)
             else:
                 u.commit()
         self._in_step = False

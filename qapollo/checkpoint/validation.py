@@ -125,6 +125,21 @@ def read_config(ckpt: str):
         raise CheckpointError(f"{path}: not a valid run config ({str(e).splitlines()[0]})") from None
 
 
+def resume_config(spec: str, overrides=()):
+    """`qapollo train --resume DIR` without --config: the config.yaml of the checkpoint it names (a run dir:
+    its newest intact one), run where that checkpoint lies (train.output_dir, train.run_name), then the
+    command line's overrides. Any qapollo checkpoint resumes with nothing else given (one written by
+    qapollo.save included)."""
+    from ..config import load_config
+    ckpt = find_checkpoint(os.path.expanduser(spec))
+    saved = read_config(ckpt)  # a broken config.yaml: the checkpoint's one-line error
+    run_dir = os.path.dirname(os.path.abspath(ckpt))
+    where = [f"train.output_dir={os.path.dirname(run_dir)}", f"train.run_name={os.path.basename(run_dir)}"]
+    if saved.data.tokenizer is None and os.path.isdir(os.path.join(ckpt, "tokenizer")):
+        where.append(f"data.tokenizer={os.path.join(ckpt, 'tokenizer')}")  # the copy saved with it (same ids)
+    return load_config(os.path.join(ckpt, "config.yaml"), where + list(overrides))
+
+
 def check_compatible(ckpt: str, saved, cfg) -> None:
     from ..config import arch_dict
     old, new = arch_dict(saved), arch_dict(cfg)

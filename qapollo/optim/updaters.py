@@ -135,13 +135,14 @@ class ApolloUpdater:
                                                       replays_left=self.replays_left, **hp)
         return apollo.projected_multiplier(r, g_norm, self.state, **hp)
 
-    def commit(self, measured: bool = True) -> None:
+    def commit(self, measured: bool = True, window: int | None = None) -> None:
         """Step boundary (lagged mode): moments take the window's projected gradient once, the limiter the
         window's update; the resulting c is the next window's. measured=False: the window's micro-batches
-        were not all distinct (replays of skipped ones), its alignment is not the next window's."""
+        were not K distinct ones (replays of skipped ones), its alignment is not the next window's; `window`:
+        the micro-batches whose sum already is the window's mean (default: K)."""
         if self.lagged:
             o = self.o
-            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, window=self.window,
+            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, window=window or self.window,
                                  beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
                                  limiter_decay=o.limiter_decay, measured=measured)
 
