@@ -27,7 +27,7 @@ from .hf_import import check_resumed_tokenizer, load_weights, resolve_init_from,
 from .loss import causal_lm_loss
 from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require_tensorboard, require_wandb, rss_bytes
 from .model import count_params
-from .optim.schedule import largest_stable_lrs
+from .optim.schedule import largest_stable_lrs, lr_at
 from .planner import advice, fmt, one_line, predict_peak
 from .tokenizer import check_vocab, load_tokenizer
 
@@ -197,6 +197,10 @@ class Trainer:
         self.checkpoint_path = ckpt
         checkpoint.say(f"resumed from {ckpt} at step {record['global_step']} ({record['tokens_seen']} tokens seen, "
                        f"loaded in {time.perf_counter() - t0:.2f}s)")
+        lr_of = lambda c: lr_at(self.opt.step_count, c.optim.lr, c.optim.warmup_steps, c.train.max_steps,  # noqa: E731
+                                c.optim.min_lr_ratio)
+        for line in checkpoint.resume_notes(checkpoint.read_config(ckpt), self.cfg, self.opt.step_count, lr_of):
+            checkpoint.say(line)  # one line per setting this resume changes
 
     def _adopt_accumulation(self, ckpt: str, record: dict) -> None:
         """Resuming with other accumulation settings than the checkpoint's (layerwise.adopt_accumulation)."""

@@ -31,4 +31,4 @@ from .loading import LOAD_BATCH_BYTES, first_valid, load, load_model_tensors, lo
 from .saving import check_disk_space, check_output_dir, checkpoint_bytes, save, versions  # noqa: F401
 from .validation import (candidates, check_compatible, check_files, check_tensor, files_ok,  # noqa: F401
                          find_checkpoint, is_checkpoint_dir, read_config, read_state, resume_candidates, resume_config,
-                         resume_target, validate)
+                         resume_notes, resume_target, validate)
