@@ -14,9 +14,12 @@ matrices' update norm (all projection matrices together, and the spread over sin
            and off; windows of one batch eight times (only the mechanics can differ) or of eight batches
   limiter  30 steps lagged and 30 steps exact on the same tokens: steps 11-30, the ratio of the mean update
            norms, the mean of the per-step ratios, and how often the norm-growth limiter cut the step
+  window   the skip window itself: step 15 taken as the trainer takes it (engine.optimizer_step, a guard that
+           skips micro-batches 2-8) against the same step of a run without the skip, identical until then:
+           the ratio of the update norms and their cosine, each mode against itself
 
     python benchmarks/accumulation.py                       # all four, about 4 minutes on 2 cores
-    python benchmarks/accumulation.py --only first skip
+    python benchmarks/accumulation.py --only first skip window
 
 Prints a table and writes benchmarks/results/accumulation.json.
 """
@@ -140,6 +143,40 @@ def skip(stream) -> dict:
     return out
 
 
+class SkipAfterFirst:
+    """A spike guard stand-in: when armed, every micro-batch of a step after its first is skipped."""
+
+    def __init__(self):
+        self.armed, self.seen = False, 0
+
+    def reason_to_skip(self, loss):
+        self.seen += 1
+        return "skipped by the benchmark" if self.armed and self.seen > 1 else None
+
+    def accept(self, loss):
+        pass
+
+
+def window(stream) -> dict:
+    from qapollo.engine import optimizer_step
+    out = {}
+    for mode in ("exact", "lagged"):
+        deltas = []
+        for skipping in (False, True):
+            model, opt = build_run(mode, 1.01)
+            guard = SkipAfterFirst()
+            for s in range(15):
+                guard.armed, guard.seen = skipping and s == 14, 0
+                before = matrices(model)
+                optimizer_step(model, opt, [stream.batch(s * K + i) for i in range(K)], guard=guard)
+            deltas.append({n: w - before[n] for n, w in matrices(model).items()})
+        full, skipped = (torch.cat([d[n].flatten() for n in sorted(d)]) for d in deltas)
+        out[mode] = {"norm_ratio": (skipped.norm() / full.norm()).item(),
+                     "cosine": torch.nn.functional.cosine_similarity(skipped, full, dim=0).item()}
+    out["lagged / exact"] = out["lagged"]["norm_ratio"] / out["exact"]["norm_ratio"]
+    return out
+
+
 def limiter(stream) -> dict:
     cut = {"n": 0, "cut": 0}
     real = apollo._limit
@@ -174,12 +211,12 @@ def limiter(stream) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", choices=["first", "resume", "skip", "limiter"])
+    ap.add_argument("--only", nargs="+", choices=["first", "resume", "skip", "limiter", "window"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="data draws of the micro-batches")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accumulation.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    todo = args.only or ["first", "resume", "skip", "limiter"]
+    todo = args.only or ["first", "resume", "skip", "limiter", "window"]
     result = {"setup": {"K": K, "micro_batch": [B, T], "steps": STEPS, "warmup": WARMUP, "torch": torch.__version__,
                         "threads": torch.get_num_threads()}}
     for seed in args.seeds:

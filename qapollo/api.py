@@ -19,7 +19,9 @@ engine.micro_batch), and qapollo checkpoints (`save` / `load`: checkpoint/, the 
 """
 from __future__ import annotations
 
+import copy
 import os
+import tempfile
 from dataclasses import fields
 
 from . import checkpoint
@@ -29,6 +31,7 @@ from .engine import attach
 from .hf_import import SHAPE_KEYS, shape_from_config
 from .layerwise import LayerwiseOptimizer
 from .model import quantize_
+from .tokenizer import HFTokenizer, Tokenizer
 
 
 def config_for(model, **settings):
@@ -72,13 +75,37 @@ def tokens_per_step(cfg) -> int:
 
 def save(run_dir: str, model, opt: LayerwiseOptimizer, cfg, tokenizer=None, keep: int = 0, **record) -> str:
     """A qapollo checkpoint of the current step under run_dir (checkpoint-<step>, `latest`; `keep` > 0 keeps
-    that many); `record`: more JSON-able fields for trainer_state.json (tokens_seen, data_cursor, ...)."""
+    that many); `record`: more JSON-able fields for trainer_state.json (tokens_seen, data_cursor, ...).
+
+    `tokenizer` (qapollo's, or a transformers tokenizer) is saved in the checkpoint's tokenizer/ and named in
+    its config.yaml (data.tokenizer), so that `qapollo eval`, `generate`, `export` and `train --resume` use it;
+    without one, trainer_state.json records that none was given (`"tokenizer": null`) and those commands
+    refuse a tokenizer that does not fit the model."""
     step = opt.step_count
     state = {"max_steps": cfg.train.max_steps, "tokens_seen": 0, "data_cursor": {}, "seed": cfg.train.seed,
              "metrics": None, "last_eval": None, "spike_guard": None,
              "accumulation": opt.accumulation(tokens_per_step(cfg)), **record}
     states = {"model": model.state_dict(), "optimizer": opt.state_dict(), "trainer": state}
-    return checkpoint.save(run_dir, step, states, config=cfg, tokenizer=tokenizer, keep=keep)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _as_tokenizer(tokenizer, tmp)
+        if tok is not None and cfg.data.tokenizer is None:
+            cfg = copy.deepcopy(cfg)
+            cfg.data.tokenizer = str(tok.name_or_path)
+        return checkpoint.save(run_dir, step, states, config=cfg, tokenizer=tok, keep=keep)
+
+
+def _as_tokenizer(tokenizer, tmp: str) -> Tokenizer | None:
+    """qapollo's Tokenizer of what save() was given: a transformers tokenizer is written to `tmp` and read
+    back as qapollo reads a tokenizer folder (its name stays the one it was loaded from)."""
+    if tokenizer is None or isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise ConfigError(f"qapollo.save: tokenizer must be a qapollo or transformers tokenizer, got "
+                          f"{type(tokenizer).__name__}")
+    tokenizer.save_pretrained(tmp)
+    tok = HFTokenizer(tmp)
+    tok.name_or_path = getattr(tokenizer, "name_or_path", None) or tmp
+    return tok
 
 
 def load(path: str, model, opt: LayerwiseOptimizer, cfg) -> dict:

@@ -30,10 +30,14 @@ def cmd_train(argv: list[str], default_config: str | None = None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"resume={args.resume}")
-    cfg = load_config(args.config, overrides)
-    if args.config is None and not cfg.model.init_from and is_main():  # run_7b.py passes the 7B recipe
-        print("qapollo: note: no --config: training qapollo's built-in defaults (a 512-wide, 8-layer model), not the "
-              "7B recipe (--config configs/llama_7b.yaml, or python run_7b.py)", file=sys.stderr)
+    if args.config is None and args.resume not in (None, "auto"):  # the checkpoint's own config
+        from .checkpoint import resume_config
+        cfg = resume_config(args.resume, overrides)
+    else:
+        cfg = load_config(args.config, overrides)
+        if args.config is None and not cfg.model.init_from and is_main():  # run_7b.py passes the 7B recipe
+            print("qapollo: note: no --config: training qapollo's built-in defaults (a 512-wide, 8-layer model), not "
+                  "the 7B recipe (--config configs/llama_7b.yaml, or python run_7b.py)", file=sys.stderr)
     try:
         result = train(cfg, progress=not args.no_progress)
     except Interrupted as e:  # a second Ctrl-C/SIGTERM: stopped at once, nothing saved

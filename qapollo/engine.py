@@ -43,12 +43,14 @@ def build(cfg, device: torch.device | str = "cpu", reducer=None, init: bool = Tr
 
 def micro_batch(model, opt: LayerwiseOptimizer, x: torch.Tensor, *, last: bool = True, accum: int = 1,
                 check: bool = False, guard=None, loss_fn: Callable | None = None,
-                value_of: Callable | None = None) -> tuple[float, str | None]:
+                value_of: Callable | None = None, replay: int = 0) -> tuple[float, str | None]:
     """One micro-batch of an optimizer step of `accum` (`last`: the step's last one, whose backward steps
     every tensor): (its loss, None) when trained on; (its loss, the reason) when the spike guard skipped it,
     before its backward (nothing changed). `value_of(loss)` turns the loss into the float the guard judges
-    (data parallel: the mean over the ranks); `check`: the startup guard's count of changed weights."""
-    opt.begin_step(last_micro=last, check=check)
+    (data parallel: the mean over the ranks); `check`: the startup guard's count of changed weights;
+    `replay`: a micro-batch of this step run again in place of a skipped one, how many replays are left
+    counting this one (see optimizer_step)."""
+    opt.begin_step(last_micro=last, check=check, replay=replay)
     loss = (loss_fn or causal_lm_loss)(model, x)  # default: model(input_ids=x, labels=x).loss, no full logits
     value = value_of(loss) if value_of is not None else loss.item()
     if guard is not None:
@@ -66,18 +68,33 @@ def optimizer_step(model, opt: LayerwiseOptimizer, batches: Iterable[torch.Tenso
                    on_skip: Callable | None = None) -> float | None:
     """One optimizer step over `accum` micro-batches drawn from `batches` as they are needed (default: all
     of a list); the mean loss of those trained on, or None when the guard skipped all of them (then nothing
-    changed and the step does not count). `on_skip(reason, micro)` hears of each skip."""
+    changed and the step does not count). `on_skip(reason, micro)` hears of each skip.
+
+    Lagged accumulation applies each micro-batch's share of the window's step at once, sized for K of them:
+    a skipped micro-batch would leave its share unapplied (7 of 8 skipped: a third to a half of a step), and
+    the micro-batches already applied cannot be scaled up afterwards (their gradients are gone). So in lagged
+    mode the step's last micro-batch trained on is run again once per skipped one, at the window's end (no
+    new tokens, not judged again, its loss not counted): the window stays K backward passes, and those
+    replays apply the rest of the window's step (optim/apollo.py). Exact mode steps on the mean of those
+    used (×K/used) instead."""
     accum = len(batches) if accum is None else accum
     total, used, it = 0.0, 0, iter(batches)
+    owed, last_used = 0, None  # lagged: micro-batches skipped so far; the last one trained on
     for micro in range(accum):
-        value, reason = micro_batch(model, opt, next(it), last=micro == accum - 1, accum=accum, check=check,
+        x = next(it)
+        value, reason = micro_batch(model, opt, x, last=micro == accum - 1 and not owed, accum=accum, check=check,
                                     guard=guard, loss_fn=loss_fn, value_of=value_of)
         if reason:
             if on_skip is not None:
                 on_skip(reason, micro)
+            owed += opt.lagged
             continue
         total += value
         used += 1
+        last_used = x
+    for r in range(owed if used else 0):
+        micro_batch(model, opt, last_used, last=r == owed - 1, accum=accum, check=check, loss_fn=loss_fn,
+                    replay=owed - r)
     if used == 0:
         opt.abandon_step()
         return None

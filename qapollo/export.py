@@ -124,15 +124,14 @@ def export(spec: str, out: str, force: bool = False, max_shard_bytes: int = 5 * 
     shards, bytes, seconds)."""
     from transformers import GenerationConfig
 
-    from .tokenizer import load_tokenizer
     out = os.path.normpath(out)
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not force):
         raise ExportError(f"{out} exists and is not empty: choose another folder or pass --force to replace it")
     t0 = time.perf_counter()
     ckpt = find_checkpoint(spec)
     cfg = ck.read_config(ckpt)
-    tok_dir = os.path.join(ckpt, "tokenizer")
-    tok = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else cfg.data.tokenizer)
+    from .hf_import import checkpoint_tokenizer
+    tok = checkpoint_tokenizer(ckpt, cfg)  # refused before anything is written when it does not fit the model
     tmp = f"{out}.tmp-export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

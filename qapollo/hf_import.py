@@ -27,9 +27,10 @@ from collections import defaultdict
 
 import torch
 
-from .checkpoint import LOAD_BATCH_BYTES, CheckpointError, candidates, is_checkpoint_dir, open_safetensors, \
-    read_config
+from .checkpoint import LOAD_BATCH_BYTES, CheckpointError, IncompatibleCheckpoint, candidates, is_checkpoint_dir, \
+    open_safetensors, read_config, read_state, say
 from .config import ConfigError, explicit_keys, validate
+from .errors import QapolloError
 from .families import FamilyError, family_of, model_class, window_of
 
 # ModelConfig keys that init_from takes from config.json
@@ -42,6 +43,10 @@ INDEX = "model.safetensors.index.json"
 
 class HFImportError(ConfigError):
     """model.init_from names a folder qapollo cannot start from; the message says why and what to do."""
+
+
+class VocabularyMismatch(QapolloError, ValueError):
+    """A checkpoint's tokenizer has more tokens than its model's vocabulary."""
 
 
 def _fail(path: str, msg: str) -> HFImportError:
@@ -199,6 +204,58 @@ def check_tokenizer(cfg, path: str, other: str = " or set data.tokenizer") -> No
         raise _fail(path, f"config.json has vocab_size {cfg.model.vocab_size} but tokenizer {cfg.data.tokenizer!r} "
                           f"has {tok.vocab_size} tokens: use the model's own tokenizer (leave data.tokenizer unset) "
                           f"or one with {cfg.model.vocab_size} tokens")
+
+
+def checkpoint_tokenizer(ckpt: str, cfg):
+    """The tokenizer of a checkpoint (`qapollo eval`, `generate`, `export`): the copy in its tokenizer/, or, for
+    one saved without (qapollo.save given none), data.tokenizer of its config.yaml, said in a note. Refused in
+    one line when it has more tokens than the model's vocabulary (ids past it have no embedding row)."""
+    from .tokenizer import load_tokenizer
+    folder, vocab = os.path.join(ckpt, "tokenizer"), cfg.model.vocab_size
+    saved = os.path.isdir(folder)
+    tok = load_tokenizer(folder if saved else cfg.data.tokenizer)
+    name = str(tok.name_or_path)
+    if tok.vocab_size > vocab and saved:
+        raise VocabularyMismatch(f"{ckpt}: its tokenizer/ has {tok.vocab_size} tokens but the model's vocabulary has "
+                                 f"{vocab} (ids from {vocab} up have no embedding row): it is not this model's "
+                                 f"tokenizer; put the model's own files (tokenizer.model or tokenizer.json) there")
+    if tok.vocab_size > vocab:
+        raise VocabularyMismatch(f"{ckpt} holds no tokenizer (saved without one) and data.tokenizer of its config.yaml, "
+                                 f"{name!r}, has {tok.vocab_size} tokens for a model vocabulary of {vocab}: copy the "
+                                 f"model's own tokenizer files (tokenizer.model or tokenizer.json) into {folder}/")
+    if not saved:
+        say(f"note: {ckpt} holds no tokenizer (saved without one): using data.tokenizer of its config.yaml, {name!r}")
+    return tok
+
+
+def check_resumed_tokenizer(ckpts: list[str], tok, vocab_size: int) -> None:
+    """The run to resume was tokenized with this tokenizer: other token ids would silently mean other text.
+
+    Checks the first checkpoint (all of a run share the tokenizer), before any data is tokenized or a
+    model built. Older checkpoints without the fingerprint are compared through their saved tokenizer/; a
+    checkpoint saved without a tokenizer (qapollo.save) only by the size of its model's vocabulary.
+    """
+    for ckpt in ckpts[:1]:
+        try:
+            saved = read_state(ckpt).get("tokenizer")
+        except CheckpointError:
+            return  # reported, with fallback, when the checkpoint is validated
+        folder = os.path.join(ckpt, "tokenizer")
+        if saved is None and not os.path.isdir(folder) and tok.vocab_size != vocab_size:
+            raise IncompatibleCheckpoint(
+                f"cannot resume {ckpt}: it was saved without a tokenizer and data.tokenizer gives "
+                f"{str(tok.name_or_path)!r} with {tok.vocab_size} tokens for a model of {vocab_size}: set "
+                f"data.tokenizer to the tokenizer the model was trained with")
+        if saved is None and os.path.isdir(folder):
+            from .tokenizer import load_tokenizer
+            old = load_tokenizer(folder)
+            saved = {"name": str(old.name_or_path), "vocab_size": old.vocab_size, "fingerprint": old.fingerprint()}
+        if saved is not None and saved.get("fingerprint") != tok.fingerprint():
+            raise IncompatibleCheckpoint(
+                f"cannot resume {ckpt}: it was trained with tokenizer {saved.get('name')!r} (vocab "
+                f"{saved.get('vocab_size')}) but data.tokenizer gives {str(tok.name_or_path)!r} (vocab "
+                f"{tok.vocab_size}), another tokenizer: resume with data.tokenizer={folder} (the copy saved with "
+                f"the run) or start a new train.run_name")
 
 
 # ---- the run ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The scheduler only reports qapollo's lr (a function of the step, optim/schedule.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from transformers import TrainerCallback
@@ -60,7 +61,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                                "transformers Trainer does not drive qapollo's in-backward optimizer; use the plain "
                                "loop of qapollo's README instead")
         self._close()
-        self.opt.end_step()  # the updates ran inside backward: count the step, advance the lr schedule
+        # the updates ran inside backward: count the step, advance the lr schedule. Trainer divides each
+        # window's loss among the micro-batches it holds (fewer in an epoch's last window): already their mean
+        self.opt.end_step(mean_taken=True)
         self._micro = 0
         for g in self.param_groups:
             g["lr"] = self.opt.current_lr()
@@ -94,6 +97,8 @@ class QapolloCheckpoints(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         check_arguments(args, self.cfg)
+        if state.max_steps != self.cfg.train.max_steps:  # TrainingArguments.max_steps, or num_train_epochs
+            adopt_step_count(self.opt, self.cfg, state.max_steps)
         if state.global_step > 0 and self.opt.step_count != state.global_step:
             load(os.path.join(args.output_dir, "qapollo", f"checkpoint-{state.global_step}"), self.model, self.opt,
                  self.cfg)
@@ -101,6 +106,14 @@ class QapolloCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         save(os.path.join(args.output_dir, "qapollo"), self.model, self.opt, self.cfg, self.tokenizer,
              keep=args.save_total_limit or 0)
+
+
+def adopt_step_count(opt: LayerwiseOptimizer, cfg, steps: int) -> None:
+    """The run is as long as Trainer makes it (its max_steps, or num_train_epochs over the data): the lr
+    schedule (warmup, then cosine to min_lr) is laid over those steps instead of cfg.train.max_steps."""
+    print(f"qapollo: note: Trainer runs {steps} optimizer steps; the lr schedule follows them instead of "
+          f"train.max_steps={cfg.train.max_steps}", file=sys.stderr)
+    cfg.train.max_steps = opt.max_steps = steps
 
 
 def check_arguments(args, cfg) -> None:
@@ -125,8 +138,9 @@ def check_arguments(args, cfg) -> None:
 def trainer_kwargs(model, cfg, tokenizer=None) -> dict:
     """Make `model` int8 with the in-backward optimizer of `cfg` (api.prepare) and return what Trainer takes:
     `optimizers` and `callbacks`. TrainingArguments must agree with cfg: gradient_accumulation_steps =
-    cfg.train.grad_accum_steps, max_steps = cfg.train.max_steps, max_grad_norm=0 (no gradient is ever whole
-    to clip; APOLLO's norm-growth limiter bounds each update)."""
+    cfg.train.grad_accum_steps, max_grad_norm=0 (no gradient is ever whole to clip; APOLLO's norm-growth
+    limiter bounds each update). The lr schedule runs over Trainer's step count (TrainingArguments.max_steps,
+    or num_train_epochs over the data), with a note when it differs from cfg.train.max_steps."""
     from .api import prepare
     opt = prepare(model, cfg)
     optimizer = InBackwardOptimizer(opt, cfg.train.grad_accum_steps)

@@ -18,17 +18,18 @@ from .tokenizer import load_tokenizer
 
 
 def load_checkpoint_model(spec: str, device: torch.device, dtype: str | None):
-    """(model, tokenizer spec, seq_len, checkpoint path) of a run dir or checkpoint-<step> dir."""
+    """(model, tokenizer, seq_len, checkpoint path) of a run dir or checkpoint-<step> dir."""
     from .checkpoint import find_checkpoint, load_model_tensors, read_config
+    from .hf_import import checkpoint_tokenizer
     from .model import build_model
     ckpt = find_checkpoint(spec)
     cfg = read_config(ckpt)
+    tok = checkpoint_tokenizer(ckpt, cfg)  # before the model is built: one line for a tokenizer that does not fit
     if dtype:
         cfg.model.dtype = dtype
     model = build_model(cfg.model, device, init=False)
     load_model_tensors(model, os.path.join(ckpt, "model.safetensors"))
-    tok_dir = os.path.join(ckpt, "tokenizer")
-    return model, tok_dir if os.path.isdir(tok_dir) else cfg.data.tokenizer, cfg.train.seq_len, ckpt
+    return model, tok, cfg.train.seq_len, ckpt
 
 
 def load_hf_model(path: str, device: torch.device, dtype: str | None, int8: bool, group_size: int,
@@ -65,13 +66,14 @@ def load_for_eval(spec: str, device: str = "auto", dtype: str | None = None, int
     ckpt = None
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         model, tok_spec, default_len = load_hf_model(spec, dev, dtype, int8, group_size, progress)
+        tok = load_tokenizer(tok_spec)
     elif os.path.isdir(spec):
         if int8:
             raise EvalError("--int8 is for Hugging Face folders: a checkpoint is evaluated as it was trained")
-        model, tok_spec, default_len, ckpt = load_checkpoint_model(spec, dev, dtype)
+        model, tok, default_len, ckpt = load_checkpoint_model(spec, dev, dtype)
     else:
         raise EvalError(f"{spec}: no such run dir, checkpoint-<step> dir or Hugging Face model folder")
     model.eval()
-    return model, load_tokenizer(tok_spec), default_len, ckpt
+    return model, tok, default_len, ckpt
 
 

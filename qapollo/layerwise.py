@@ -20,7 +20,9 @@ Gradient accumulation (K micro-batches per optimizer step), two modes:
     and keep only the projected gradient and a sketch (optim/apollo.py); float tensors (embeddings, norms,
     lm_head) accumulate as in exact mode. Resident extra: the float tensors' gradients (0.49 GiB at 7B).
   When the spike guard skipped micro-batches, the tensors that step once per step take the mean of those
-  used (the loss of each is divided by K before anyone knows how many will be skipped).
+  used (the loss of each is divided by K before anyone knows how many will be skipped). In lagged mode the
+  trainer's step instead runs the last accepted micro-batch again in place of each skipped one
+  (engine.optimizer_step), so the window is K backward passes and its matrices apply a whole step.
 
 Data parallel (distributed.py): every gradient is averaged over the ranks before its update, so every
 rank applies the same one. In exact mode that is one all-reduce per tensor per optimizer step (on the
@@ -107,6 +109,7 @@ class LayerwiseOptimizer:
         self._grad_scale = 1.0  # K / micro-batches used, for tensors stepping once per step (see begin_step)
         self._in_step = False
         self._micro_done = 0  # micro-batches of this step whose backward ran
+        self._replays = 0  # of those, micro-batches run again in place of skipped ones
         self._fired: dict[str, int] = {}
         self._changed: dict[str, int] = {}
         self._flags: list[tuple[str, object]] = []  # (name, finite flag) of this micro-batch's updates
@@ -289,11 +292,17 @@ class LayerwiseOptimizer:
         o = self.o
         return lr_at(self.step_count, o.lr, o.warmup_steps, self.max_steps, o.min_lr_ratio)
 
-    def begin_step(self, last_micro: bool = True, check: bool = False) -> None:
-        """Call before each micro-batch's backward; `last_micro` makes its once-per-step hooks step."""
+    def begin_step(self, last_micro: bool = True, check: bool = False, replay: int = 0) -> None:
+        """Call before each micro-batch's backward; `last_micro` makes its once-per-step hooks step; `replay`:
+        a micro-batch of this step run again in place of one the spike guard skipped, how many such replays
+        are left counting this one (engine.optimizer_step)."""
         if not self._in_step:
-            self._in_step, self._micro_done = True, 0
+            self._in_step, self._micro_done, self._replays = True, 0, 0
             self._fired, self._changed = {}, {}
+        self._replays += replay > 0
+        for u in self.updaters.values():
+            if isinstance(u, ApolloUpdater):  # lagged windows: replays apply the rest of the window's step
+                u.replays_left = replay
         self.lr = self.current_lr()
         self.hooks_enabled = last_micro
         self.count_changes = check
@@ -326,16 +335,24 @@ class LayerwiseOptimizer:
         return any(m.weight_grad is not None for _, m in int8_modules(self.model)) or \
             any(p.grad is not None for n, p in self.model.named_parameters() if n in self.updaters)
 
-    def end_step(self, check: bool = False) -> None:
+    def end_step(self, check: bool = False, mean_taken: bool = False) -> None:
         """Call after the last micro-batch's backward: apply what is still pending (its last micro-batch
-        was skipped), commit the lagged scales, verify every tensor stepped, count the step."""
+        was skipped), commit the lagged scales, verify every tensor stepped, count the step. mean_taken: the
+        caller divided the losses among the micro-batches it ran (transformers' Trainer does in an epoch's
+        last, shorter window), so their sum is already their mean: nothing is scaled by K/used."""
         if self._pending():
-            self._grad_scale = self._mean_scale(self._micro_done)
+            self._grad_scale = 1.0 if mean_taken else self._mean_scale(self._micro_done)
             self.step_pending(check)
             self.after_backward()
             self._micro_done -= 1  # not a micro-batch of its own
+        # a window of replays, or a shorter one whose mean the caller took, is not K distinct micro-batches:
+        # it cannot measure their alignment; the latter commits as a whole window of those it had
+        short = mean_taken and 0 < self._micro_done < self.grad_accum_steps
         for u in self.updaters.values():
-            u.commit()
+            if isinstance(u, ApolloUpdater):
+                u.commit(measured=not (self._replays or short), window=self._micro_done if short else None)
+            else:
+                u.commit()
         self._in_step = False
         micro = max(1, self._micro_done)
         want = {n: (micro if n in self._every_micro else 1) for n in self.updaters}

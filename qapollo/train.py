@@ -22,11 +22,11 @@ from .device import pick_device, set_up_allocator
 from .engine import build, optimizer_step
 from .failures import StepFailed, TrainError, on_step_failure  # noqa: F401 (StepFailed: callers import it from here)
 from .guard import SpikeGuard
-from .hf_import import load_weights, resolve_init_from, resumed_config
+from .hf_import import check_resumed_tokenizer, load_weights, resolve_init_from, resumed_config
 from .loss import causal_lm_loss
 from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require_tensorboard, require_wandb, rss_bytes
 from .model import count_params
-from .optim.schedule import largest_stable_lrs
+from .optim.schedule import largest_stable_lrs, lr_at
 from .planner import advice, fmt, one_line, predict_peak
 from .stops import Interrupted, StopSignals
 from .tokenizer import check_vocab, load_tokenizer
@@ -57,6 +57,21 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Build the run (or refuse it); a refusal leaves no folder behind that the setup created."""
+        new = []  # the run dir and those of its parents that do not exist yet, innermost first
+        d = os.path.abspath(self.run_dir)
+        while not os.path.exists(d) and os.path.dirname(d) != d:
+            new.append(d)
+            d = os.path.dirname(d)
+        try:
+            self._setup()
+        except BaseException:
+            for d in new:
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
+            raise
+
+    def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         if t.tensorboard:
             require_tensorboard()  # fail before anything is built
@@ -71,8 +86,8 @@ class Trainer:
         resume_from = checkpoint.resume_candidates(cfg, self.run_dir)
         checkpoint.check_output_dir(self.run_dir, self.plan)
         tok = load_tokenizer(cfg.data.tokenizer)
+        check_resumed_tokenizer(resume_from, tok, cfg.model.vocab_size)
         check_vocab(tok, cfg.model.vocab_size)
-        check_resumed_tokenizer(resume_from, tok)
         torch.manual_seed(t.seed)
         self._build_data(tok)
         self.model, self.opt = build(cfg, self.device, reducer=self.dist.grad_averager(), init=init_from is None)
@@ -167,7 +182,11 @@ class Trainer:
             return
         ckpt, record = found
         t0 = time.perf_counter()
-        self.data.train.load_state_dict(record["data_cursor"])  # first: raises on other data settings
+        if record["data_cursor"]:
+            self.data.train.load_state_dict(record["data_cursor"])  # first: raises on other data settings
+        else:  # a checkpoint of the Python API (qapollo.save): its data was never qapollo's to track
+            checkpoint.say(f"note: {ckpt} holds no data position (saved by qapollo.save): the data starts from its "
+                           f"beginning")
         self.opt.load_state_dict(*checkpoint.load(ckpt, self.model))
         self._adopt_accumulation(ckpt, record)
         self.opt.step_count = record["global_step"]
@@ -179,6 +198,10 @@ class Trainer:
         self.checkpoint_path = ckpt
         checkpoint.say(f"resumed from {ckpt} at step {record['global_step']} ({record['tokens_seen']} tokens seen, "
                        f"loaded in {time.perf_counter() - t0:.2f}s)")
+        lr_of = lambda c: lr_at(self.opt.step_count, c.optim.lr, c.optim.warmup_steps, c.train.max_steps,  # noqa: E731
+                                c.optim.min_lr_ratio)
+        for line in checkpoint.resume_notes(checkpoint.read_config(ckpt), self.cfg, self.opt.step_count, lr_of):
+            checkpoint.say(line)  # one line per setting this resume changes
 
     def _adopt_accumulation(self, ckpt: str, record: dict) -> None:
         """Resuming with other accumulation settings than the checkpoint's (layerwise.adopt_accumulation)."""
@@ -365,29 +388,6 @@ class Trainer:
     def _save_due(self, step: int) -> bool:
         s = self.cfg.train.save_every
         return s > 0 and step % s == 0 and step < self.cfg.train.max_steps
-
-
-def check_resumed_tokenizer(ckpts: list[str], tok) -> None:
-    """The run to resume was tokenized with this tokenizer: other token ids would silently mean other text.
-
-    Checks the first checkpoint (all of a run share the tokenizer), before any data is tokenized or a
-    model built. Older checkpoints without the fingerprint are compared through their saved tokenizer/.
-    """
-    for ckpt in ckpts[:1]:
-        try:
-            saved = checkpoint.read_state(ckpt).get("tokenizer")
-        except checkpoint.CheckpointError:
-            return  # reported, with fallback, when the checkpoint is validated
-        folder = os.path.join(ckpt, "tokenizer")
-        if saved is None and os.path.isdir(folder):
-            old = load_tokenizer(folder)
-            saved = {"name": str(old.name_or_path), "vocab_size": old.vocab_size, "fingerprint": old.fingerprint()}
-        if saved is not None and saved.get("fingerprint") != tok.fingerprint():
-            raise checkpoint.IncompatibleCheckpoint(
-                f"cannot resume {ckpt}: it was trained with tokenizer {saved.get('name')!r} (vocab "
-                f"{saved.get('vocab_size')}) but data.tokenizer gives {str(tok.name_or_path)!r} (vocab "
-                f"{tok.vocab_size}), another tokenizer: resume with data.tokenizer={folder} (the copy saved with "
-                f"the run) or start a new train.run_name")
 
 
 def train(cfg: Config, progress: bool = True) -> dict:

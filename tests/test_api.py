@@ -122,3 +122,170 @@ def test_trainer_arguments_the_in_backward_optimizer_cannot_honour_are_refused(t
                        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4 but")):
         with pytest.raises(TrainerError, match=match):
             check_arguments(TrainingArguments(**{**ok, **bad}), cfg)
+
+
+# ---- an API checkpoint in the command line's hands ---------------------------------------------------------
+def _api_checkpoint(run_dir, vocab_size, tokenizer=None, steps=3):
+    """A transformers model trained a few steps through the API and saved with qapollo.save."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))
+    cfg = qapollo.config_for(model, lr=1e-2, warmup_steps=2, max_steps=10, grad_accum_steps=2, group_size=64,
+                             float_optim="adamw", batch_size=2, seq_len=16)
+    opt = qapollo.prepare(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    train(model, opt, [[torch.randint(0, vocab_size, (2, 16), generator=g) for _ in range(2)] for _ in range(steps)])
+    return qapollo.save(str(run_dir), model, opt, cfg, tokenizer)
+
+
+def _cli(capsys, *argv):
+    from qapollo.cli import main
+    capsys.readouterr()
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_api_checkpoint_resumes_with_qapollo_train_alone(corpus, tmp_path, monkeypatch, capsys):
+    """`qapollo train --resume DIR` on a checkpoint qapollo.save wrote: the config (shape, tokenizer, run dir)
+    comes from the checkpoint, the data the API never tracked starts afresh with a note, and the run goes on in
+    DIR. Before, the default config's shape was refused (and with --config, the empty data cursor)."""
+    from qapollo.tokenizer import load_tokenizer
+    run_dir = tmp_path / "api_run"
+    _api_checkpoint(run_dir, 512, load_tokenizer(corpus["data.tokenizer"]))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc, err = _cli(capsys, "train", "--resume", str(run_dir), "--no-progress", f"data.path={corpus['data.path']}",
+                   f"data.cache_dir={corpus['data.cache_dir']}", "train.max_steps=5")
+    assert rc == 0, err
+    assert "holds no data position" in err and "resumed from" in err
+    assert sorted(os.listdir(run_dir)) == ["checkpoint-3", "checkpoint-5", "latest", "metrics.jsonl"]
+    assert os.listdir(cwd) == []  # nothing written where the command ran
+
+
+def test_a_refused_resume_leaves_no_folder_behind(corpus, tmp_path, monkeypatch, capsys):
+    """A resume refused after the run's folder would have been created (here: another corpus, so the data
+    cursor does not match) leaves nothing behind (before: an empty checkpoints/<run_name>/)."""
+    from qapollo.tokenizer import load_tokenizer
+    run_dir = tmp_path / "api_run"
+    _api_checkpoint(run_dir, 512, load_tokenizer(corpus["data.tokenizer"]))
+    monkeypatch.chdir(tmp_path)
+    common = [f"data.cache_dir={corpus['data.cache_dir']}", "train.max_steps=5", "eval.tokens=256"]
+    rc, err = _cli(capsys, "train", "--no-progress", "--resume", str(run_dir), f"data.path={corpus['data.path']}", *common)
+    assert rc == 0, err
+    other = tmp_path / "other.txt"
+    other.write_text(open(corpus["data.path"]).read()[:50_000])
+    rc, err = _cli(capsys, "train", "--no-progress", "--resume", str(run_dir), "--config",
+                   str(run_dir / "checkpoint-5" / "config.yaml"), f"data.path={other}", "train.output_dir=elsewhere",
+                   "train.run_name=b", *common)
+    assert rc == 2 and "data cursor" in err.strip().splitlines()[-1], err
+    assert not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_error_line(tmp_path, capsys):
+    """A checkpoint saved without a tokenizer: eval, generate, export and train --resume each refuse the
+    shipped 32k tokenizer for a 256-token model in one `error:` line, and export writes nothing (before: an
+    IndexError traceback from eval and generate, and an export with the 32k tokenizer beside vocab_size 256).
+    save records that no tokenizer was given, and the one it is given (a transformers tokenizer too)."""
+    from qapollo.checkpoint import read_state
+    ckpt = _api_checkpoint(tmp_path / "run", 256)
+    assert read_state(ckpt)["tokenizer"] is None and not os.path.exists(os.path.join(ckpt, "tokenizer"))
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    for argv in (["eval", ckpt, "--data", str(text), "--device", "cpu"],
+                 ["generate", ckpt, "--prompt", "To be", "--max-new-tokens", "4", "--device", "cpu"],
+                 ["export", ckpt, str(tmp_path / "hf")],
+                 ["train", "--resume", ckpt, "--no-progress"]):
+        rc, err = _cli(capsys, *argv)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and "Traceback" not in err, (argv, err)
+        assert "32000 tokens" in errors[0] and "256" in errors[0] and "without" in errors[0], errors
+    assert not os.path.exists(tmp_path / "hf")
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)]
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                                                 unk_token="<unk>")),
+                                     unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    ckpt = _api_checkpoint(tmp_path / "run_hf", 256, hf_tok)
+    assert read_state(ckpt)["tokenizer"]["vocab_size"] == 256
+    assert _cli(capsys, "export", ckpt, str(tmp_path / "hf"))[0] == 0
+    assert json.load(open(tmp_path / "hf" / "config.json"))["vocab_size"] == 256
+    assert os.path.isfile(tmp_path / "hf" / "tokenizer.json")
+
+
+# ---- transformers' Trainer ---------------------------------------------------------------------------------
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(2)
+        self.x = torch.randint(0, 256, (n, 16), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+@pytest.mark.parametrize("sized_by", ["max_steps", "epochs"])
+def test_trainer_step_count_sets_the_lr_schedule(tmp_path, capsys, sized_by):
+    """Trainer's own step count (max_steps=6, or one epoch of 10 blocks in windows of 3 × 2: 2 steps) lays out
+    the lr schedule, with a note, where the config says 1000 steps (before: lr 0.005, 0.01, 0.01, ... of a
+    1000-step schedule)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from qapollo.optim.schedule import lr_at
+    model = hf_model()
+    k = 1 if sized_by == "max_steps" else 3
+    cfg = qapollo.config_for(model, lr=1e-2, warmup_steps=1, max_steps=1000, grad_accum_steps=k, group_size=64,
+                             float_optim="adamw")
+    kw = qapollo.trainer_kwargs(model, cfg)
+    opt, lrs = kw["optimizers"][0].opt, []
+
+    class Lr(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            lrs.append(opt.current_lr())
+    size = {"max_steps": 6} if sized_by == "max_steps" else {"num_train_epochs": 1}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=k,
+                             max_grad_norm=0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                             disable_tqdm=True, **size)
+    trainer = Trainer(model=model, args=args, train_dataset=_Blocks(12 if sized_by == "max_steps" else 10), **kw)
+    trainer.add_callback(Lr())
+    trainer.train()
+    steps = 6 if sized_by == "max_steps" else 2
+    assert opt.max_steps == cfg.train.max_steps == steps and opt.step_count == steps
+    assert lrs == [lr_at(s, 1e-2, 1, steps, cfg.optim.min_lr_ratio) for s in range(steps)], lrs
+    assert f"Trainer runs {steps} optimizer steps" in capsys.readouterr().err
+
+
+def test_a_shorter_last_window_is_not_rescaled_again():
+    """Trainer divides the loss of an epoch's last, shorter window among its own micro-batches (here 2 of 3),
+    so their summed gradient already is their mean: the tensors must step on the same gradient as a window of 2
+    of 2 (before: 1.5× that, K/used applied a second time)."""
+    from qapollo.hf_trainer import InBackwardOptimizer
+    from qapollo.optim.updaters import TorchAdamUpdater
+    seen = {}
+    real = TorchAdamUpdater.step
+
+    def spy(self, grad, *a, **kw):
+        seen[self.name] = grad.norm().item()
+        return real(self, grad, *a, **kw)
+    xs = batches(1, k=2)[0]
+    norms = {}
+    for k in (2, 3):
+        model = hf_model()
+        opt = qapollo.prepare(model, qapollo.config_for(model, lr=1e-2, grad_accum_steps=k, group_size=64,
+                                                        float_optim="adamw"))
+        face = InBackwardOptimizer(opt, k)
+        seen.clear()
+        TorchAdamUpdater.step = spy
+        try:
+            for x in xs:  # what Trainer does for a window of 2 micro-batches
+                face.train()
+                (model(input_ids=x, labels=x).loss / 2).backward()
+            face.step()
+        finally:
+            TorchAdamUpdater.step = real
+        norms[k] = dict(seen)
+    assert norms[2] and norms[3] == pytest.approx(norms[2], rel=1e-6)

@@ -154,6 +154,31 @@ def test_incompatible_config_is_refused(corpus, tmp_path, key, value):
     assert f"{key}={old!r}" in msg and f"{key}={value!r}" in msg and "\n" not in msg
 
 
+def test_resume_names_each_setting_it_changes(corpus, tmp_path, capsys):
+    """A resume says, one line per key, what each changed setting does: the lr schedule's with the lr at the
+    resume step before and after (train.max_steps 4 -> 24: the cosine is stretched, the lr at step 4 jumps
+    from the minimum to near the peak); the seed, the rounding and the dtype from here on. Before: silence."""
+    from qapollo.optim.schedule import lr_at
+    from qapollo.train import Trainer
+    run(make_cfg(corpus, tmp_path, "r", train__max_steps=4, optim__warmup_steps=1))
+    changed = dict(train__max_steps=24, optim__lr=0.002, train__seed=1, model__stochastic_round=False,
+                   model__dtype="bfloat16")
+    cfg = make_cfg(corpus, tmp_path, "r", optim__warmup_steps=1, **changed)
+    cfg.resume = "auto"
+    capsys.readouterr()
+    Trainer(cfg, progress=False).setup()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qapollo: note:")]
+    assert len(notes) == len(changed), notes
+    line = {key: next(n for n in notes if f"note: {key.replace('__', '.')}=" in n) for key in changed}
+    ratio = cfg.optim.min_lr_ratio
+    before, after = lr_at(4, 0.01, 1, 4, ratio), lr_at(4, 0.002, 1, 24, ratio)
+    assert f"stretched to 24 steps and the lr at step 4 changes from {before:.4g} to {after:.4g}" in \
+        line["train__max_steps"]
+    assert f"changes from {before:.4g} to {after:.4g}" in line["optim__lr"]
+    assert "rounding noise" in line["train__seed"] and "rounded to nearest" in line["model__stochastic_round"]
+    assert "bfloat16" in line["model__dtype"]
+
+
 # ---- broken checkpoints ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved_run(corpus, tmp_path_factory):

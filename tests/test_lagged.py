@@ -53,9 +53,10 @@ def _stream(corpus):
     return batch
 
 
-def _build(mode: str, limiter: float = 1.01, steps: int = 30):
+def _build(mode: str, limiter: float = 1.01, steps: int = 30, **optim):
     cfg = tiny_config(model__weight_quant=False, model__max_position_embeddings=64, optim__lr=3e-3,
-                      optim__warmup_steps=10, optim__norm_growth_limit=limiter)
+                      optim__warmup_steps=10, optim__norm_growth_limit=limiter,
+                      **{f"optim__{k}": v for k, v in optim.items()})
     model = build_model(cfg.model, "cpu", seed=0)
     model.train()
     return model, LayerwiseOptimizer(model, cfg.optim, steps, seed=0, accum_mode=mode, grad_accum_steps=K)
@@ -127,3 +128,83 @@ def _weights_of(ckpt):
     with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
         for k in f.keys():
             yield k, f.get_tensor(k)
+
+
+class _SkipAfter:
+    """A spike guard stub: at the step it is armed for, it skips every micro-batch after the first `used`."""
+
+    def __init__(self, used: int):
+        self.used, self.armed, self.seen = used, False, 0
+
+    def reason_to_skip(self, loss):
+        self.seen += 1
+        return "stub spike" if self.armed and self.seen > self.used else None
+
+    def accept(self, loss):
+        pass
+
+
+def _guarded_step_norm(model, opt, batch, s: int, guard=None) -> float:
+    """One optimizer step as the trainer takes it (engine.optimizer_step, the guard deciding before each
+    backward); the norm of all projection matrices' update."""
+    from qapollo.engine import optimizer_step
+    before = _matrices(model)
+    if guard is not None:
+        guard.seen = 0
+    optimizer_step(model, opt, [batch(s * K + i) for i in range(K)], guard=guard)
+    return sum((w - before[n]).square().sum() for n, w in _matrices(model).items()).sqrt().item()
+
+
+@pytest.mark.parametrize("used", [1, 3])
+def test_window_with_skips_applies_a_whole_step(corpus, used):
+    """Step 13 skips its micro-batches after the first `used` (the guard decides after those were applied):
+    each mode's step then, against the same step of a run without the skip (identical until then). Exact mode
+    steps on the mean of those used, at about its usual size; lagged mode must too. Before, it applied only
+    the used micro-batches' shares of a whole window: 0.36 of exact's share for 1 of 8 here, 0.61 for 3 of 8
+    (0.58 of a step at the 20M width)."""
+    batch = _stream(corpus)
+    share = {}
+    for mode in ("exact", "lagged"):
+        norms = []
+        for skipping in (False, True):
+            model, opt = _build(mode)
+            guard = _SkipAfter(used)
+            for s in range(12):
+                _guarded_step_norm(model, opt, batch, s, guard)
+            guard.armed = skipping
+            norms.append(_guarded_step_norm(model, opt, batch, 12, guard))
+        share[mode] = norms[1] / norms[0]
+    assert 0.9 <= share["lagged"] / share["exact"] <= 1.1, share
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_first_window_applies_weight_decay(resumed):
+    """A window without a step size (a fresh run, or a resume that changed the accumulation) applies its whole
+    step at its last micro-batch, which commits the window first: it must still decay the weight once, as
+    every other window does (before, it skipped the decay). Same gradients with and without weight decay:
+    the weights differ by exactly the factor 1 - lr·wd."""
+    from qapollo.config import Config
+    from qapollo.optim.updaters import ApolloUpdater
+    torch.manual_seed(0)
+    shape, lr, wd = (24, 16), 0.01, 0.1
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(2 * K)]
+    weights = []
+    for decay in (0.0, wd):
+        ocfg = Config().optim
+        ocfg.weight_decay = decay
+        w = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        upd = ApolloUpdater("w", w, ocfg, 5, 6, False, lagged=True, window=K)
+        windows = [grads[:K], grads[K:2 * K]] if resumed else [grads[:K]]
+        for n, window in enumerate(windows):
+            if resumed and n == 1:
+                upd.forget_accumulation(reference=True)
+                start = w.detach().clone()
+            for i, g in enumerate(window):
+                upd.step(g.clone(), lr, False, last=i == K - 1)
+            upd.commit()
+        weights.append((w.detach().clone(), start if resumed else None))
+    (plain, plain_start), (decayed, decayed_start) = weights
+    factor = float(torch.tensor(1 - lr * wd))  # the updater's decay factor is an fp32 tensor
+    if resumed:  # the resumed window alone: from each run's own weights
+        plain, decayed = plain - plain_start, decayed - decayed_start * factor
+    assert torch.allclose(decayed, plain * factor, rtol=1e-9, atol=0)

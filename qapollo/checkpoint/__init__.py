@@ -30,5 +30,5 @@ from .files import (CKPT_RE, SCHEMA, CheckpointError, DiskSpaceError, Incompatib
 from .loading import LOAD_BATCH_BYTES, first_valid, load, load_model_tensors, load_rng, saved_accumulation  # noqa: F401
 from .saving import check_disk_space, check_output_dir, checkpoint_bytes, save, versions  # noqa: F401
 from .validation import (candidates, check_compatible, check_files, check_tensor, files_ok,  # noqa: F401
-                         find_checkpoint, is_checkpoint_dir, read_config, read_state, resume_candidates, resume_target,
-                         validate)
+                         find_checkpoint, is_checkpoint_dir, read_config, read_state, resume_candidates, resume_config,
+                         resume_notes, resume_target, validate)

@@ -125,6 +125,21 @@ def read_config(ckpt: str):
         raise CheckpointError(f"{path}: not a valid run config ({str(e).splitlines()[0]})") from None
 
 
+def resume_config(spec: str, overrides=()):
+    """`qapollo train --resume DIR` without --config: the config.yaml of the checkpoint it names (a run dir:
+    its newest intact one), run where that checkpoint lies (train.output_dir, train.run_name), then the
+    command line's overrides. Any qapollo checkpoint resumes with nothing else given (one written by
+    qapollo.save included)."""
+    from ..config import load_config
+    ckpt = find_checkpoint(os.path.expanduser(spec))
+    saved = read_config(ckpt)  # a broken config.yaml: the checkpoint's one-line error
+    run_dir = os.path.dirname(os.path.abspath(ckpt))
+    where = [f"train.output_dir={os.path.dirname(run_dir)}", f"train.run_name={os.path.basename(run_dir)}"]
+    if saved.data.tokenizer is None and os.path.isdir(os.path.join(ckpt, "tokenizer")):
+        where.append(f"data.tokenizer={os.path.join(ckpt, 'tokenizer')}")  # the copy saved with it (same ids)
+    return load_config(os.path.join(ckpt, "config.yaml"), where + list(overrides))
+
+
 def check_compatible(ckpt: str, saved, cfg) -> None:
     from ..config import arch_dict
     old, new = arch_dict(saved), arch_dict(cfg)
@@ -133,8 +148,46 @@ def check_compatible(ckpt: str, saved, cfg) -> None:
         k = diff[0]
         raise IncompatibleCheckpoint(
             f"cannot resume {ckpt}: it was trained with {k}={old[k]!r} but the config has {k}={new[k]!r}"
-            f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; model shape and optimizer kind must "
-            f"match (max_steps, logging and eval may change): set {k}={old[k]} or start a new train.run_name")
+            f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; the model's shape, the optimizer's kind, "
+            f"train.batch_size and train.seq_len must match (any other setting may change, and the resume says what "
+            f"that changes): set {k}={old[k]} or start a new train.run_name")
+
+
+# Settings a resume changes without a note: where the run is and which resources it uses; a tokenizer that
+# passes the resume's check gives the same ids. The accumulation has its own note (the trainer's), the shape
+# keys cannot change (check_compatible).
+QUIET_ON_RESUME = ("train.output_dir", "train.run_name", "train.device", "data.cache_dir", "data.num_proc",
+                   "data.tokenizer", "train.accum_mode", "train.grad_accum_steps")
+SCHEDULE_KEYS = ("optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "train.max_steps")
+WHAT_CHANGES = {
+    "train.seed": "the data order and the random projections continue the checkpoint's; the rounding noise is "
+                  "drawn from the new seed",
+    "model.stochastic_round": "the int8 weights are rounded {} from here on",
+    "model.dtype": "the float tensors and the activations compute in {} from here on",
+}
+
+
+def resume_notes(saved, cfg, step: int, lr_of) -> list[str]:
+    """One line per setting a resume at `step` changes from the checkpoint's config `saved`: for the lr
+    schedule's, the lr at that step before and after (`lr_of(config)`), for the others what they change."""
+    from ..config import flat_dict
+    old, new = flat_dict(saved), flat_dict(cfg)
+    lines = []
+    for k in (k for k in new if k in old and old[k] != new[k] and k not in QUIET_ON_RESUME):
+        head = f"note: {k}={old[k]!r} in the checkpoint, {new[k]!r} now"
+        if k in SCHEDULE_KEYS:
+            how = ""
+            if k == "train.max_steps":
+                how = f" is {'stretched' if new[k] > old[k] else 'shortened'} to {new[k]} steps and"
+            lines.append(f"{head}: the lr schedule{how} the lr at step {step} changes from {lr_of(saved):.4g} to "
+                         f"{lr_of(cfg):.4g}")
+        elif k == "model.stochastic_round":
+            lines.append(f"{head}: {WHAT_CHANGES[k].format('stochastically' if new[k] else 'to nearest')}")
+        elif k in WHAT_CHANGES:
+            lines.append(f"{head}: {WHAT_CHANGES[k].format(new[k])}")
+        else:
+            lines.append(f"{head}: applies from here on")
+    return lines
 
 
 def check_files(ckpt: str, state: dict, crc: bool = True) -> None:

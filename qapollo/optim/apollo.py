@@ -64,6 +64,7 @@ def init_state(shape: tuple[int, int], rank: int, seed: int, device) -> dict:
         # lagged accumulation only: the window's ΣR, sketch sums, Σ‖G_i‖², its count; the previous window's
         # step size and alignment
         "r_sum": None, "sk_sum": None, "sk_sq": 0, "g_sq": 0, "r_count": 0, "lag_step": None, "lag_align": None,
+        "lag_rest": None,  # while replays of skipped micro-batches run: the step size each of them applies
     }
 
 
@@ -215,8 +216,11 @@ def projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, state: dict, *, 
 #
 # A window without a step size yet (a fresh run, or a resume that changed the accumulation) applies
 # nothing before its last micro-batch, which commits the window and carries the whole window's step in
-# G_K's direction. A window whose spike guard skipped micro-batches commits the mean of those it used
-# (×K/used), as the exact mode steps on their mean. Extra state: ΣR (max(m,n)·rank), the sketch's sum
+# G_K's direction. A micro-batch the spike guard skipped would leave its share unapplied (and those applied
+# cannot be scaled afterwards: their gradients are gone), so the trainer's step (engine.optimizer_step)
+# runs the last accepted micro-batch again in its place: the window applies K accepted micro-batches at the
+# step size, as the exact mode steps on the mean of those used. A window that still ends short (a caller of
+# its own) commits the mean of those it used (×K/used). Extra state: ΣR (max(m,n)·rank), the sketch's sum
 # (SKETCH_ROWS·min(m,n)), the step size (one or one per channel) and a few scalars.
 
 SKETCH_ROWS = 16
@@ -263,28 +267,49 @@ def alignment(state: dict) -> torch.Tensor:
     return torch.where(h_sq > 0, state["sk_sum"].square().sum() / h_sq, torch.ones_like(h_sq))
 
 
+def _replay_multiplier(state: dict, g_sq: torch.Tensor, h: torch.Tensor, window: int,
+                       replays_left: int) -> torch.Tensor:
+    """A replay of the window's last micro-batch in place of a skipped one (engine.optimizer_step, at the
+    window's end). The window's own micro-batches applied V = S/ĝ ⊙ ΣG (ĝ: the last one's prediction), of
+    norm A = S·√(alignment·used / (K·previous alignment)); the replays, all in one direction G_r, add x along
+    it so that ‖V + x·Ĝ_r‖ = S, the window's step: x = −A·cos + √(S² − A²·sin²), cos the angle of ΣG and
+    G_r measured in the sketch. Each replay applies an equal part of x (exact for one micro-batch used)."""
+    if state.get("lag_rest") is None:  # the first replay: size the rest of the window's step
+        s, h_sum = state["lag_step"], state["sk_sum"]
+        a = s * (alignment(state) * state["r_count"] / (window * state["lag_align"])).sqrt()
+        cos = (h_sum * h).sum() / (h_sum.norm() * h.norm()).clamp(min=1e-30)
+        x = -a * cos + (s.square() - a.square() * (1 - cos.square())).clamp(min=0).sqrt()
+        state["lag_rest"] = x.clamp(min=0) / replays_left
+    return torch.where(g_sq > 0, state["lag_rest"] / g_sq.sqrt(), torch.zeros_like(g_sq))
+
+
 def _lagged_micro(r: torch.Tensor, g_sq: torch.Tensor, h: torch.Tensor, state: dict, *, shape, scale_type: str,
                   window: int, last: bool, beta1: float, beta2: float, eps: float, norm_growth_limit: float,
-                  limiter_decay: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+                  limiter_decay: float, replays_left: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One micro-batch of the lagged mode from R = project(G), grad_sq(G) and the sketch H = A·G: (c for
     U = c ⊙ G, or None when nothing is to be applied now (a window without a step size, before its last
-    micro-batch); the device flag: was G finite)."""
+    micro-batch); the device flag: was G finite). replays_left > 0: a replay (_replay_multiplier)."""
+    replay = replays_left > 0 and state.get("lag_step") is not None
+    c = _replay_multiplier(state, g_sq, h, window, replays_left) if replay else None
     finite = _add_micro(state, r, g_sq, h)
-    if state.get("lag_step") is not None:  # the previous window's step, over this window's predicted ‖ΣG‖
+    if c is not None:
+        pass
+    elif state.get("lag_step") is not None:  # the previous window's step, over this window's predicted ‖ΣG‖
         g_hat = state["g_sq"] * (window / state["r_count"]) * state["lag_align"]
+        c = torch.where(g_hat > 0, state["lag_step"] / g_hat.sqrt(), torch.zeros_like(g_hat))
     elif last:  # commit now; this micro-batch carries the whole window's step
         lagged_commit(state, shape=shape, scale_type=scale_type, window=window, beta1=beta1, beta2=beta2, eps=eps,
                       norm_growth_limit=norm_growth_limit, limiter_decay=limiter_decay)
-        g_hat = g_sq
+        c = torch.where(g_sq > 0, state["lag_step"] / g_sq.sqrt(), torch.zeros_like(g_sq))
     else:
         return None, finite
-    c = torch.where(g_hat > 0, state["lag_step"] / g_hat.sqrt(), torch.zeros_like(g_hat)).to(r.dtype)
+    c = c.to(r.dtype)
     return torch.where(finite, c, torch.zeros_like(c)), finite
 
 
 def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type: str, update_proj_gap: int,
                       window: int, last: bool, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0):
+                      norm_growth_limit: float = 1.01, limiter_decay: float = 0.0, replays_left: int = 0):
     """One micro-batch of a lagged window of `window` micro-batches (`last`: the window's last one): add
     R(G) to the window's sums and return (c for U = c ⊙ G, or None: nothing to apply now (see above); finite)."""
     math_dtype = torch.promote_types(grad.dtype, torch.float32)
@@ -294,27 +319,29 @@ def lagged_multiplier(grad: torch.Tensor, state: dict, *, rank: int, scale_type:
     h = sketch(grad, sketch_matrix(tuple(grad.shape), state, grad.device))
     return _lagged_micro(r, grad_sq(grad, scale_type, math_dtype), h, state, shape=tuple(grad.shape),
                          scale_type=scale_type, window=window, last=last, beta1=beta1, beta2=beta2, eps=eps,
-                         norm_growth_limit=norm_growth_limit, limiter_decay=limiter_decay)
+                         norm_growth_limit=norm_growth_limit, limiter_decay=limiter_decay, replays_left=replays_left)
 
 
 def lagged_projected_multiplier(r: torch.Tensor, g_norm: torch.Tensor, h: torch.Tensor, state: dict, *,
                                 shape: tuple[int, int], window: int, last: bool, beta1: float = 0.9,
                                 beta2: float = 0.999, eps: float = 1e-8, norm_growth_limit: float = 1.01,
-                                limiter_decay: float = 0.0):
+                                limiter_decay: float = 0.0, replays_left: int = 0):
     """lagged_multiplier (tensor-wise) from R = project(G), ‖G‖ and the sketch h = sketch_matrix(...)·G, each
     summed over G's slices or rows (see projected_multiplier). The caller refreshes the projection at a
     window's first micro-batch (state['r_count'] == 0)."""
     return _lagged_micro(r, g_norm.square(), h, state, shape=shape, scale_type="tensor", window=window, last=last,
                          beta1=beta1, beta2=beta2, eps=eps, norm_growth_limit=norm_growth_limit,
-                         limiter_decay=limiter_decay)
+                         limiter_decay=limiter_decay, replays_left=replays_left)
 
 
 def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, window: int, beta1: float = 0.9,
                   beta2: float = 0.999, eps: float = 1e-8, norm_growth_limit: float = 1.01,
-                  limiter_decay: float = 0.0) -> None:
+                  limiter_decay: float = 0.0, measured: bool = True) -> None:
     """Window boundary: the moments take the window's R once (the mean of the micro-batches used, ×K/used,
-    when the spike guard skipped some), the limiter compares the window's update ‖c ⊙ ΣG‖ with the previous
-    window's, and that (limited) step size is stored for the next window. No-op without micro-batches."""
+    when fewer than K came), the limiter compares the window's update ‖c ⊙ ΣG‖ with the previous window's,
+    and that (limited) step size is stored for the next window. measured=False: the window's micro-batches
+    were not all distinct (replays of skipped ones), so its alignment is not kept for the next window.
+    No-op without micro-batches."""
     used = state.get("r_count", 0)
     if not used:
         return
@@ -326,7 +353,8 @@ def lagged_commit(state: dict, *, shape: tuple[int, int], scale_type: str, windo
     align = alignment(state) * k
     g_window = state["g_sq"] * k * align  # per channel for channel-wise c
     c, ref = _limit(c, update_norm(c, g_window), state["prev_norm"], norm_growth_limit, limiter_decay)
-    if used == window or state.get("lag_align") is None:  # a window with skips cannot measure the alignment
+    # a window with skips (or replays in their place) cannot measure the alignment of K distinct micro-batches
+    if (used == window and measured) or state.get("lag_align") is None:
         state["lag_align"] = align.float()
     state["prev_norm"], state["lag_step"] = ref.float(), (c * g_window.sqrt()).float()
     reset_window(state)
@@ -337,7 +365,7 @@ def reset_window(state: dict) -> None:
     if state.get("r_sum") is not None:
         state["r_sum"] = torch.zeros_like(state["r_sum"])
     state["sk_sum"], state["sk_sq"], state["g_sq"] = None, 0, 0
-    state["r_count"] = 0
+    state["r_count"], state["lag_rest"] = 0, None
 
 
 def forget_accumulation(state: dict, reference: bool) -> None:
@@ -347,49 +375,3 @@ def forget_accumulation(state: dict, reference: bool) -> None:
     state["lag_step"] = state["lag_align"] = None
     if reference:
         state["prev_norm"] = torch.zeros_like(state["prev_norm"])
-
-
-# ---- state as tensors (checkpoints) ----------------------------------------------------------------
-# Checkpoints are written at step boundaries, where a lagged window's sums are empty: only the step size
-# and alignment the next window applies are saved. Checkpoints of earlier versions may hold `r_sum` (always
-# zero there) and `lag_scale` (the scale itself, not a step size): both are read and dropped.
-SAVED = ("exp_avg", "exp_avg_sq", "prev_norm", "proj", "lag_step", "lag_align")
-OLD_KEYS = ("r_sum", "lag_scale")
-
-
-def state_shapes(shape: tuple[int, int], rank: int, scale_type: str) -> dict[str, tuple]:
-    """Shapes of every tensor a checkpoint may hold for one matrix's state."""
-    rshape = (shape[0], rank) if projects_right(shape) else (rank, shape[1])
-    if scale_type == "tensor":
-        cshape = ()
-    else:
-        cshape = (shape[0], 1) if projects_right(shape) else (1, shape[1])
-    return {"step": (), "seed": (), "exp_avg": rshape, "exp_avg_sq": rshape, "prev_norm": (),
-            "proj": projection_shape(shape, rank), "lag_step": cshape, "lag_align": (),
-            "r_sum": rshape, "lag_scale": cshape}
-
-
-REQUIRED_STATE = ("step", "seed", "exp_avg", "exp_avg_sq", "prev_norm")
-
-
-def state_tensors(state: dict) -> dict[str, torch.Tensor]:
-    """The state as named tensors (ints as int64 0-d tensors); drawn-later entries only once they exist."""
-    out = {"step": torch.tensor(state["step"], dtype=torch.int64),
-           "seed": torch.tensor(state["seed"], dtype=torch.int64)}
-    for k in SAVED:
-        if state.get(k) is not None:
-            out[k] = state[k]
-    return out
-
-
-def load_state_tensors(state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of state_tensors, onto the device of the existing state."""
-    dev = state["exp_avg"].device
-    state["step"], state["seed"] = int(tensors["step"]), int(tensors["seed"])
-    for k in ("exp_avg", "exp_avg_sq", "prev_norm"):
-        state[k] = tensors[k].to(dev)
-    for k in ("proj", "lag_step", "lag_align"):
-        state[k] = tensors[k].to(dev) if k in tensors else None
-    if state["lag_step"] is not None and state["lag_align"] is None:
-        state["lag_step"] = None
-    reset_window(state)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from . import apollo
+from . import apollo, apollo_state
 
 # Float tensors' optimizers run over row chunks of at most this many elements (planner.py plans with it)
 FLOAT_CHUNK_ELEMS = 1 << 22
@@ -54,6 +54,9 @@ class ApolloUpdater:
         self.finite = None
         self.sr_seed = sr_seed
         self.shape = tuple(target.shape)
+        # lagged: > 0 while the window's skipped micro-batches are replayed (how many replays are left, this one
+        # included): those apply the rest of the window's step (apollo._lagged_micro); set by the caller
+        self.replays_left = 0
         self.state = apollo.init_state(self.shape, ocfg.rank, proj_seed, target.device)
 
     def _hparams(self) -> dict:
@@ -65,7 +68,7 @@ class ApolloUpdater:
         """One update (exact) or one micro-batch's share (lagged; `last`: the window's last micro-batch)."""
         if self.lagged:
             c, self.finite = apollo.lagged_multiplier(grad, self.state, window=self.window, last=last,
-                                                      **self._hparams())
+                                                      replays_left=self.replays_left, **self._hparams())
         else:
             c, self.finite = apollo.apollo_multiplier(grad, self.state, **self._hparams())
         return 0 if c is None else self._apply(grad, c, lr, count_changes)
@@ -141,17 +144,20 @@ class ApolloUpdater:
         hp = dict(shape=self.shape, beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
                   limiter_decay=o.limiter_decay)
         if self.lagged:
-            return apollo.lagged_projected_multiplier(r, g_norm, h, self.state, window=self.window, last=last, **hp)
+            return apollo.lagged_projected_multiplier(r, g_norm, h, self.state, window=self.window, last=last,
+                                                      replays_left=self.replays_left, **hp)
         return apollo.projected_multiplier(r, g_norm, self.state, **hp)
 
-    def commit(self) -> None:
+    def commit(self, measured: bool = True, window: int | None = None) -> None:
         """Step boundary (lagged mode): moments take the window's projected gradient once, the limiter the
-        window's update; the resulting c is the next window's."""
+        window's update; the resulting c is the next window's. measured=False: the window's micro-batches
+        were not K distinct ones (replays of skipped ones), its alignment is not the next window's; `window`:
+        the micro-batches whose sum already is the window's mean (default: K)."""
         if self.lagged:
             o = self.o
-            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, window=self.window,
+            apollo.lagged_commit(self.state, shape=self.shape, scale_type=o.scale_type, window=window or self.window,
                                  beta1=o.beta1, beta2=o.beta2, eps=o.eps, norm_growth_limit=o.norm_growth_limit,
-                                 limiter_decay=o.limiter_decay)
+                                 limiter_decay=o.limiter_decay, measured=measured)
 
     def _noise(self) -> tuple[int, str]:
         """(seed, key) of this update's rounding noise: exact, one update per step; lagged, one per
@@ -165,7 +171,9 @@ class ApolloUpdater:
         # kernel takes them as tensors (a Python float would recompile it every step).
         coef = c * (-lr * math.sqrt(self.o.scale))  # c is fp32 (fp64 for fp64 gradients)
         wd = self.o.weight_decay
-        once = not self.lagged or self.state["r_count"] == 1  # lagged: decay once per window, not per micro-batch
+        # lagged: decay once per window, not per micro-batch: at its first micro-batch, or at the last one of a
+        # window without a step size (which commits the window, emptying its count, before applying it)
+        once = not self.lagged or self.state["r_count"] <= 1
         decay = torch.full((), 1.0 - lr * wd, device=grad.device) if wd and once else None
         if is_int8(self.target):
             # A non-finite gradient (c = 0, the flag false) leaves codes, scales and zeros as they were (keep).
@@ -194,15 +202,15 @@ class ApolloUpdater:
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, scalars): step/seed as int64 0-d tensors, moments, limiter norm, projection (once drawn),
-        the lagged step size and alignment (apollo.state_tensors)."""
-        return apollo.state_tensors(self.state), {}
+        the lagged step size and alignment (apollo_state.state_tensors)."""
+        return apollo_state.state_tensors(self.state), {}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-        apollo.load_state_tensors(self.state, tensors)
+        apollo_state.load_state_tensors(self.state, tensors)
 
     def state_spec(self) -> tuple[dict[str, tuple], tuple[str, ...]]:
         """(shape of every tensor a checkpoint may hold for this matrix, the keys it must hold)."""
-        return apollo.state_shapes(self.shape, self.o.rank, self.o.scale_type), apollo.REQUIRED_STATE
+        return apollo_state.state_shapes(self.shape, self.o.rank, self.o.scale_type), apollo_state.REQUIRED_STATE
 
     def resident_tensors(self) -> list[torch.Tensor]:
         return [v for v in self.state.values() if torch.is_tensor(v)]
