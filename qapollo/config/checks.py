@@ -1,6 +1,8 @@
 """Validation of a whole config: each bad value is one ConfigError that says what to set instead."""
 from __future__ import annotations
 
+import math
+
 from ..errors import QapolloError
 from .sections import Config, ModelConfig
 
@@ -82,7 +84,8 @@ def _validate_lean_head(cfg: Config, need) -> None:
          "lm_head update uses one tensor-wise scale); or use optim.lean_optim=factored")
     need(m.hidden_size % m.group_size == 0,
          f"model.lean_head=true needs model.hidden_size ({m.hidden_size}) divisible by model.group_size "
-         f"({m.group_size}): embedding rows are looked up in whole groups")
+         f"({m.group_size}): embedding rows are looked up in whole groups; set model.group_size="
+         f"{math.gcd(m.hidden_size, m.group_size)}")
     need(m.vocab_size >= m.hidden_size,
          f"model.lean_head=true needs model.vocab_size ({m.vocab_size}) >= model.hidden_size ({m.hidden_size}): "
          f"the projection keeps one value per vocabulary row")
