@@ -229,7 +229,7 @@ def test_prepare_trains_a_transformers_model_of_the_family(name):
     assert before and all(not torch.equal(after[n], v) for n, v in before.items())
 
 
-def test_transformers_trainer_trains_a_qwen3_and_its_checkpoint_exports_as_one(tmp_path):
+def test_transformers_trainer_trains_a_qwen3_and_its_checkpoint_exports_as_one(corpus, tmp_path):
     """transformers' Trainer on a Qwen3ForCausalLM (qapollo.trainer_kwargs): its q/k norms step inside backward,
     and the qapollo checkpoint it writes exports as a Qwen3ForCausalLM again."""
     pytest.importorskip("accelerate")
@@ -250,7 +250,8 @@ def test_transformers_trainer_trains_a_qwen3_and_its_checkpoint_exports_as_one(t
     args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=4, per_device_train_batch_size=4,
                              max_grad_norm=0, save_steps=4, report_to=[], use_cpu=True, dataloader_num_workers=0,
                              disable_tqdm=True, logging_steps=1)
-    Trainer(model=model, args=args, train_dataset=Blocks(), **trainer_kwargs(model, cfg)).train()
+    tok = load_tokenizer(corpus["data.tokenizer"])  # the test corpus's 512-token BPE: the model's vocabulary
+    Trainer(model=model, args=args, train_dataset=Blocks(), **trainer_kwargs(model, cfg, tokenizer=tok)).train()
     assert not torch.equal(model.model.layers[0].self_attn.q_norm.weight, norm)
     export(str(tmp_path / "t" / "qapollo"), str(tmp_path / "out"))
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")).__name__ == "Qwen3ForCausalLM"
