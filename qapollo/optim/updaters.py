@@ -24,13 +24,17 @@ FLOAT_CHUNK_ELEMS = 1 << 22
 
 
 def _not_the_4bit_kernel_note(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+    msg = record.getMessage()
+    return not (msg.startswith("Failed to load CPU gemm_4bit_forward") or "kernels-community/quantization-bitsandbytes"
+                in msg)
 
 
 def import_bitsandbytes():
-    """bitsandbytes, without its import-time warning that it could not fetch a 4-bit CPU matmul kernel from
-    the Hugging Face Hub (kernels-community): qapollo uses only its 8-bit AdamW, never 4-bit matmuls."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_4bit_kernel_note)
+    """bitsandbytes, without its import-time warnings that it could not fetch (or, offline, verify) a 4-bit CPU
+    matmul kernel from the Hugging Face Hub (kernels-community): qapollo uses only its 8-bit AdamW, never 4-bit
+    matmuls."""
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(_not_the_4bit_kernel_note)
     import bitsandbytes as bnb  # used as a library, never subclassed
     return bnb
 
