@@ -4,6 +4,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 from types import SimpleNamespace
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -300,16 +301,20 @@ def test_ctrl_c_during_the_first_tokenization_is_one_line(tmp_path):
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "qapollo.cli", "train", "--config", os.path.join(ROOT, "configs", "llama_20m.yaml"),
            f"data.path={big}", f"data.cache_dir={cache}", f"train.output_dir={tmp_path / 'runs'}", "data.num_proc=1"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    seen = []
-    for line in p.stderr:  # the log line before the build; then the build runs for seconds
-        seen.append(line)
-        if "tokenizing" in line:
-            break
+    # as from a terminal: a suite started in the background (CI, nohup) ignores SIGINT, and its children would
+    # inherit that, so Python would install no KeyboardInterrupt handler
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, bufsize=0,
+                         env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = ""
+    # the build's progress bar (redrawn with \r, no newline) past its first draw: the build is under way
+    while not re.search(r"tokenizing train: [0-9.]+[kM]tok", seen):
+        chunk = os.read(p.stderr.fileno(), 4096).decode(errors="replace")
+        assert chunk, f"qapollo train ended before tokenizing: {seen[-2000:]}"
+        seen += chunk
     p.send_signal(signal.SIGINT)
     _, rest = p.communicate(timeout=120)
-    err = "".join(seen) + rest
+    err = seen + rest
     assert p.returncode == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), err[-2000:]
     assert not list(cache.glob("**/meta.json")) and not list(cache.glob("**/*.tmp-*")), list(cache.rglob("*"))
