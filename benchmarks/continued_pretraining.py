@@ -321,11 +321,13 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"adamw": "tab:blue", "qapollo": "tab:orange", "qapollo_lean_lagged": "tab:green"}
+    styles = ("-", "--", ":", "-.")  # one per lr of a method, smallest first
     for r in rows:
+        lrs = sorted({x["lr"] for x in rows if x["method"] == r["method"]})
         for ax, key in zip(axes, ("indomain", "general")):
             ax.plot([c["tokens"] for c in r["curve"]], [c[key] for c in r["curve"]], color=colors[r["method"]],
-                    alpha=0.4 + 0.6 * (r["seed"] == 0), marker=".",
-                    label=f"{r['method']} lr {r['lr']:g} s{r['seed']}")
+                    linestyle=styles[lrs.index(r["lr"]) % len(styles)], alpha=0.4 + 0.6 * (r["seed"] == 0),
+                    marker=".", label=f"{r['method']} lr {r['lr']:g} s{r['seed']}")
     for ax, title in zip(axes, ("in-domain held-out (Persuasion, Hamlet)", "general held-out (Python docs)")):
         ax.set_title(title)
         ax.set_xlabel("tokens")
