@@ -1,9 +1,10 @@
 """Documents -> one flat token file, `<s> ids </s>` per document in document order, on every core.
 
 The caller's thread reads the documents (local files or a `datasets` source) and cuts the stream into
-chunks of about CHUNK_CHARS characters; the tokenizer library encodes each chunk on `num_threads` native
-threads (sentencepiece's `num_threads`, the HF fast tokenizer's own thread pool), which run without the
-GIL. One helper thread encodes a chunk while the caller reads the next one and writes the one before.
+chunks of about CHUNK_CHARS characters; the tokenizer library encodes each chunk on its own native
+threads (sentencepiece: `num_threads`; an HF fast tokenizer: its own pool, sized by RAYON_NUM_THREADS, not
+by num_threads). One helper thread encodes a chunk while the caller reads the next one and writes the one
+before.
 Chunks depend only on the documents and every document is encoded on its own, so the file is the same
 byte for byte for any thread count (tests/test_data.py).
 
