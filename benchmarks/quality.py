@@ -10,15 +10,19 @@ Methods (same model shape, data order, schedule and hooks; only the optimizer/we
   apollo_mini        float weights, APOLLO-Mini (tensor-wise, rank 1, scale 128)
   q_apollo_mini      int8 weights + stochastic rounding, APOLLO-Mini
   q_apollo_mini_rtn  int8 weights + round-to-nearest, APOLLO-Mini
-  q_apollo_mini_lean q_apollo_mini with model.lean_head (embedding and lm_head int8 + APOLLO-Mini too;
-                     `--only q_apollo_mini_lean`)
+  q_apollo_mini_lean q_apollo_mini with model.lean_head (embedding and lm_head int8 too, factored second
+                     moments; `--only q_apollo_mini_lean`)
+  q_apollo_mini_lagged8, _exact8, _lean_lagged16, ...: the same tokens per step in K micro-batches of
+                     batch / K, lagged or exact accumulation (`--only`, with a --batch-size that K divides)
 Two seeds for apollo_mini and q_apollo_mini measure the seed-to-seed noise.
 
 The text is the shipped corpus (held-out works for eval). By default the runner first trains an 8k BPE
 tokenizer on the corpus's training split (about a second): with the shipped 32k vocabulary, embeddings
 and lm_head would be 70% of a model this small, and every method trains those with the same Adam, which
 would dilute exactly the difference under test. `--vocab 0` uses the shipped 32k tokenizer instead.
-Writes benchmarks/results/quality.json and quality.png; run directories go to checkpoints/quality/.
+Writes benchmarks/results/quality.json (with the commit each row ran on) and quality.png; run directories go
+to checkpoints/quality/. Each finished row is kept in quality.partial.jsonl as it ends: rerunning the same
+command after an interruption trains only the rows still missing.
 """
 from __future__ import annotations
 
@@ -78,12 +82,14 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
     elif method in ("apollo_mini_peak_limiter", "q_apollo_mini_peak_limiter"):
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = method.startswith("q_"), "apollo_mini", "tensor", 1, 128.0
         o.limiter_decay = 0.99
-    elif method.startswith(("q_apollo_mini_lagged", "q_apollo_mini_exact")):
+    elif method.startswith(("q_apollo_mini_lagged", "q_apollo_mini_exact", "q_apollo_mini_lean_lagged")):
         # gradient accumulation: the same tokens per step as `q_apollo_mini`, in K micro-batches of batch/K
+        # (the lean form as the lean presets run it: model.lean_head with lagged accumulation)
         m.weight_quant, o.name, o.scale_type, o.rank, o.scale = True, "apollo_mini", "tensor", 1, 128.0
-        mode, k = ("lagged", method[len("q_apollo_mini_lagged"):]) if "lagged" in method else \
-            ("exact", method[len("q_apollo_mini_exact"):])
-        k = int(k)
+        mode = "lagged" if "lagged" in method else "exact"
+        k = int(method.rsplit(mode, 1)[1])
+        if "lean" in method:
+            m.lean_head, o.lean_lr = True, args.lean_lr
         if cfg.train.batch_size % k:
             raise SystemExit(f"{method}: --batch-size {cfg.train.batch_size} is not a multiple of {k}")
         cfg.train.batch_size //= k
@@ -105,7 +111,12 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
     return cfg
 
 
-def run_one(cfg: Config, method: str) -> dict:
+def run_one(cfg: Config, method: str, done: dict) -> dict:
+    """Train one row, or take it from `done` (the rows an interrupted invocation finished)."""
+    key = f"{method} {cfg.optim.lr:g} {cfg.train.seed}"
+    if key in done:
+        print(f"{key}: finished earlier ({done[key]['commit']}), kept", flush=True)
+        return done[key]
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
     if os.path.isdir(run_dir):  # a fresh run each time: never resume a stale ablation run
         import shutil
@@ -123,7 +134,7 @@ def run_one(cfg: Config, method: str) -> dict:
            "train_loss": res["loss"], "wall_s": round(wall, 1), "optimizer_state_bytes": tr.opt.state_bytes(),
            "weight_bytes": weight_bytes(tr.model), "skips": tr.guard.skips,
            "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-           "float_lr": cfg.optim.float_lr, "lean_lr": cfg.optim.lean_lr, "run_dir": run_dir}
+           "float_lr": cfg.optim.float_lr, "lean_lr": cfg.optim.lean_lr, "run_dir": run_dir, "commit": commit()}
     print(json.dumps(row), flush=True)
     return row
 
@@ -169,16 +180,31 @@ def main(argv=None) -> int:
     args.tokenizer = None
     if args.vocab:
         args.tokenizer = ablation_tokenizer(args.vocab, args.run_root)
-    rows = [run_one(method_config(args, m, lr, s), m) for m, lr, s in plan(args)]
+    setup = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size",
+                                           "seq_len", "eval_tokens", "lr", "float_lr", "lean_lr", "vocab")}
+    # each finished row is kept at once: a rerun of the same command continues with the rows still missing
+    partial = os.path.join(args.out, f"{args.results_name}.partial.jsonl")
+    done = {}
+    if os.path.exists(partial):
+        for line in open(partial):
+            r = json.loads(line)
+            if r.pop("setup") == setup:
+                done[f"{r['method']} {r['lr']:g} {r['seed']}"] = r
+    rows = []
+    for m, lr, s in plan(args):
+        rows.append(run_one(method_config(args, m, lr, s), m, done))
+        with open(partial, "a") as f:
+            f.write(json.dumps({**rows[-1], "setup": setup}) + "\n")
     adamw = [r for r in rows if r["method"] == "adamw"]
     best = min(adamw, key=lambda r: r["val_loss"]) if adamw else None
     for r in rows:
         if r["method"] == "adamw":
             r["method"] = "adamw" if r is best else f"adamw_lr{r['lr']:g}"
-    setup = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size",
-                                           "seq_len", "eval_tokens", "lr", "float_lr", "lean_lr", "vocab")}
+    commits = sorted({r["commit"] for r in rows})
     with open(os.path.join(args.out, f"{args.results_name}.json"), "w") as f:
-        json.dump({"setup": setup, "machine": machine(), "runs": rows}, f, indent=1)
+        json.dump({"setup": setup, "machine": machine(), "commit": commits[0] if len(commits) == 1 else commits,
+                   "runs": rows}, f, indent=1)
+    os.remove(partial)
     curves = {f"{r['method']} (s{r['seed']})": read_metrics(os.path.join(r["run_dir"], "metrics.jsonl"))
               for r in rows}
     plot_runs(curves, os.path.join(args.out, f"{args.results_name}.png"),
@@ -196,6 +222,16 @@ def ablation_tokenizer(vocab: int, root: str) -> str:
     if not os.path.exists(os.path.join(out, "tokenizer.model")):
         train_tokenizer(sorted(glob.glob(os.path.join(CORPUS_DIR, "*.train.txt.xz"))), vocab, out)
     return out
+
+
+def commit() -> str:
+    """The commit the code ran on, marked when the working tree differed from it."""
+    import subprocess
+    here = os.path.dirname(HERE)
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                           text=True).stdout
+    return sha.strip() + ("+modified" if dirty.strip() else "")
 
 
 def machine() -> str:
