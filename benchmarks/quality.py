@@ -41,6 +41,7 @@ from qapollo.plot import plot_runs  # noqa: E402
 from qapollo.train import Trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+COMMIT = None  # the code this process loaded (main sets it before training)
 
 
 def base_config(args) -> Config:
@@ -134,7 +135,7 @@ def run_one(cfg: Config, method: str, done: dict) -> dict:
            "train_loss": res["loss"], "wall_s": round(wall, 1), "optimizer_state_bytes": tr.opt.state_bytes(),
            "weight_bytes": weight_bytes(tr.model), "skips": tr.guard.skips,
            "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-           "float_lr": cfg.optim.float_lr, "lean_lr": cfg.optim.lean_lr, "run_dir": run_dir, "commit": commit()}
+           "float_lr": cfg.optim.float_lr, "lean_lr": cfg.optim.lean_lr, "run_dir": run_dir, "commit": COMMIT}
     print(json.dumps(row), flush=True)
     return row
 
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny eval, results under /tmp")
     args = ap.parse_args(argv)
+    global COMMIT
+    COMMIT = commit()
     if args.quick:
         args.eval_tokens, args.out, args.run_root = 8192, "/tmp/qapollo_quality", "/tmp/qapollo_quality/runs"
     os.makedirs(args.out, exist_ok=True)
