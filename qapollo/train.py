@@ -26,7 +26,7 @@ from .hf_import import check_resumed_tokenizer, load_weights, resolve_init_from,
 from .loss import causal_lm_loss
 from .metrics import MetricsLog, NullMetrics, WandbSink, peak_mem_bytes, require_tensorboard, require_wandb, rss_bytes
 from .model import count_params
-from .optim.schedule import largest_stable_lrs, lr_at
+from .optim.schedule import lr_at, lr_notes
 from .planner import advice, fmt, one_line, predict_peak
 from .stops import Interrupted, StopSignals
 from .tokenizer import check_vocab, load_tokenizer
@@ -142,18 +142,14 @@ class Trainer:
                                  f"{advice(plan)} (see `qapollo plan`)")
 
     def _note_lr(self) -> None:
-        """Say so when a peak lr is well above the largest the stability probe found stable at this width."""
+        """Say so when a peak lr is well above the rule for this width (from scratch, or continuing a trained
+        model) or when a continued run's warmup is short for fresh optimizer states."""
         m, o = self.cfg.model, self.cfg.optim
-        if o.name == "adamw":
-            return
-        lr_ok, float_ok = largest_stable_lrs(m.hidden_size)
-        for key, lr, ok in (("optim.lr", o.lr, lr_ok),
-                            ("optim.float_lr", o.lr if o.float_lr is None else o.float_lr, float_ok)):
-            if lr > 2 * ok:
-                self._say(f"qapollo: note: {key}={lr:g} is {lr / ok:.1f}x the largest peak lr the stability probe "
-                          f"found stable at width {m.hidden_size} ({ok:.3g}; BENCHMARKS.md, 'Stable learning rates'): "
-                          f"expect loss spikes (the spike guard skips the worst; a larger batch did not raise the "
-                          f"stable lr)")
+        if o.name != "adamw":
+            for note in lr_notes(m.hidden_size, o.lr, o.lr if o.float_lr is None else o.float_lr,
+                                 continued=m.init_from is not None, warmup_steps=o.warmup_steps, beta2=o.beta2,
+                                 max_steps=self.cfg.train.max_steps):
+                self._say(f"qapollo: note: {note}")
 
     # ---- state: what a checkpoint holds ------------------------------------------------------------
     def states(self) -> dict:

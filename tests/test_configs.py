@@ -1,15 +1,19 @@
-"""The shipped pre-training configs use the peak lrs the stability probe found stable at their width."""
+"""The shipped configs use the peak lrs of the width rules: from scratch, the largest the stability probe found
+stable; continuing a trained model, the continued-training rule."""
 import glob
 import os
 
 import pytest
 
 from qapollo.config import load_config
-from qapollo.optim.schedule import stable_lrs
+from qapollo.optim.schedule import continued_lrs, continued_warmup, stable_lrs
 from tests.helpers import ROOT
 
 PRETRAIN = [p for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
             if load_config(p).model.init_from is None]  # continued pre-training picks its own (lower) lr
+# the continued-training presets and the widths of the models they are for
+CONTINUE = {"llama_7b_continue.yaml": 4096, "llama3_8b_12gb.yaml": 4096, "mistral_7b_12gb.yaml": 4096,
+            "qwen2.5_7b_12gb.yaml": 3584, "qwen3_8b_12gb.yaml": 4096}
 
 
 def test_rule_values():
@@ -56,3 +60,51 @@ def test_retired_key_is_read_and_ignored(capsys):
     assert "train.compile (in the command line) is no longer a setting and is ignored" in capsys.readouterr().err
     assert not hasattr(cfg.train, "compile") and "compile" not in cfg.to_dict()["train"]
     assert config_from_dict({"train": {"compile": False, "max_steps": 7}}).train.max_steps == 7
+
+
+def test_continued_rule_values():
+    # a tenth of the from-scratch stable lr at the width, float tensors at a fifth of that
+    assert continued_lrs(576) == pytest.approx((3e-4, 6e-5))
+    assert continued_lrs(4096) == pytest.approx((7.5e-5, 1.5e-5))
+    assert continued_warmup(0.999, 20000) == 2000 and continued_warmup(0.999, 25) == 2
+    assert continued_warmup(0.95, 20000) == 40 and continued_warmup(0.999, 5) == 1
+
+
+def test_every_continue_preset_is_checked():
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+                  if load_config(p).model.init_from is not None) == sorted(CONTINUE)
+
+
+@pytest.mark.parametrize("name", sorted(CONTINUE))
+def test_continue_presets_follow_the_continued_rule(name):
+    cfg = load_config(os.path.join(ROOT, "configs", name))
+    assert cfg.model.init_from is not None
+    lr, float_lr = continued_lrs(CONTINUE[name])
+    assert (cfg.optim.lr, cfg.optim.float_lr) == pytest.approx((lr, float_lr), rel=0.01)  # 3 digits in the yaml
+    assert cfg.optim.warmup_steps >= continued_warmup(cfg.optim.beta2, cfg.train.max_steps)
+
+
+def test_continued_note_compares_with_the_continued_rule(capsys, tmp_path):
+    """With model.init_from the start-up note measures the lr against the continued-training rule (the
+    issue's 5e-4 at width 576 blew a trained model up), and a warmup too short for fresh states."""
+    from qapollo.train import Trainer
+    over = ["model.init_from=/models/some-hf-folder", f"train.output_dir={tmp_path}", "train.device=cpu"]
+    cfg = load_config(os.path.join(ROOT, "configs", "llama_7b_continue.yaml"), over + ["optim.lr=5e-4",
+                      "optim.float_lr=1e-4", "optim.warmup_steps=1"])
+    cfg.model.hidden_size = 576  # what the folder's config.json sets (SmolLM2-135M)
+    Trainer(cfg, progress=False)._note_lr()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "optim.lr=0.0005 is 1.7x" not in text  # under 2x the rule's 3e-4: no note
+    assert "optim.float_lr=0.0001 is 1.7x" not in text
+    assert "optim.warmup_steps=1 is short for fresh optimizer states on a trained model: 2000" in text
+    cfg.optim.lr, cfg.optim.float_lr, cfg.optim.warmup_steps = 1e-3, 6e-5, 2000
+    Trainer(cfg, progress=False)._note_lr()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "optim.lr=0.001 is 3.3x the continued-training lr for width 576 (0.0003;" in text
+    assert "float_lr" not in text and "warmup" not in text
+    cfg.model.init_from = None  # the same lr from scratch is under the probe's largest stable 3e-3: no note
+    Trainer(cfg, progress=False)._note_lr()
+    out = capsys.readouterr()
+    assert "note" not in out.out + out.err

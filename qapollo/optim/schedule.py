@@ -49,3 +49,51 @@ def largest_stable_lrs(hidden_size: int) -> tuple[float, float]:
     """(matrices, float tensors): the largest peak lrs the stability probe found stable at this width,
     interpolated between the widths it ran (what `train`'s lr note compares with)."""
     return _log_interp(LARGEST_STABLE_MATRICES, hidden_size), _log_interp(LARGEST_STABLE_FLOAT, hidden_size)
+
+
+# Continued pre-training of a trained model (benchmarks/continued_pretraining.py; BENCHMARKS.md, 'Continued
+# pre-training'): the sweep on SmolLM2-135M (width 576, 4,096 tokens per step, float_lr = lr / 5) found APOLLO-
+# Mini's best peak lr at CONTINUE_FRACTION of the from-scratch stable lr at that width. The rule carries that
+# fraction to other widths along the from-scratch table (only width 576 was swept). Tokens per step do not
+# enter: the from-scratch probe found that a larger batch did not raise the stable lr.
+CONTINUE_FRACTION = 0.1
+CONTINUE_FLOAT_RATIO = 5
+
+
+def continued_lrs(hidden_size: int) -> tuple[float, float]:
+    """(APOLLO matrices' peak lr, float tensors' peak lr) for continuing the training of a trained model of
+    this width (the continue presets use it; `train` notes an lr more than 2x above it with model.init_from)."""
+    lr = CONTINUE_FRACTION * stable_lrs(hidden_size)[0]
+    return lr, lr / CONTINUE_FLOAT_RATIO
+
+
+def continued_warmup(beta2: float, max_steps: int) -> int:
+    """Warmup steps for fresh optimizer states on a trained model: 2 / (1 - beta2), the rule of thumb for
+    Adam's second moment (Ma & Yarats 2021, 'On the adequacy of untuned warmup for adaptive optimization'),
+    at most a tenth of the run. The first Adam-type step is a sign step (the second
+    moment has seen one gradient) of full size in every element, and the next few are close to it: a trained
+    model feels that as a loss rise unless the lr is still small."""
+    return max(1, min(round(2 / (1 - beta2)), max_steps // 10))
+
+
+def lr_notes(hidden_size: int, lr: float, float_lr: float, continued: bool, warmup_steps: int, beta2: float,
+             max_steps: int) -> list[str]:
+    """What `train` says at start-up about the peak lrs (more than 2x the rule for this width: the largest
+    found stable from scratch, or the continued-training rule) and, continuing, a warmup shorter than
+    continued_warmup."""
+    if continued:
+        rule, what = continued_lrs(hidden_size), (f"the continued-training lr for width {hidden_size}",
+                                                  "BENCHMARKS.md, 'Continued pre-training'",
+                                                  "expect the trained model's loss to rise in the first steps")
+    else:
+        rule, what = largest_stable_lrs(hidden_size), (
+            f"the largest peak lr the stability probe found stable at width {hidden_size}",
+            "BENCHMARKS.md, 'Stable learning rates'",
+            "expect loss spikes (the spike guard skips the worst; a larger batch did not raise the stable lr)")
+    notes = [f"{key}={x:g} is {x / ok:.1f}x {what[0]} ({ok:.3g}; {what[1]}): {what[2]}"
+             for key, x, ok in zip(("optim.lr", "optim.float_lr"), (lr, float_lr), rule) if x > 2 * ok]
+    warm = continued_warmup(beta2, max_steps)
+    if continued and warmup_steps < warm:
+        notes.append(f"optim.warmup_steps={warmup_steps} is short for fresh optimizer states on a trained model: "
+                     f"{warm} (2 / (1 - optim.beta2), at most a tenth of the run) lets them settle")
+    return notes
