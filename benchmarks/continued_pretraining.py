@@ -333,10 +333,17 @@ def plot(rows: list[dict], path: str) -> None:
     for r in rows:
         lrs = sorted({(x["lr"], x["float_lr"] or 0) for x in rows if x["method"] == r["method"]})
         for ax, key in zip(axes, ("indomain", "general")):
-            ax.plot([c["tokens"] for c in r["curve"]], [c[key] for c in r["curve"]], color=colors[r["method"]],
-                    linestyle=styles[lrs.index((r["lr"], r["float_lr"] or 0)) % len(styles)], alpha=0.4 + 0.6 * (r["seed"] == 0),
-                    marker=".", label=f"{r['method']} lr {r['lr']:g}"
-                    + ("" if r["float_lr"] in (None, r["lr"] / 5) else f" float {r['float_lr']:g}") + f" s{r['seed']}")
+            ys = [c[key] for c in r["curve"]]
+            top = r["curve"][0][key] + 0.1  # a diverged run would squash the others: its points above are cut
+            label = f"{r['method']} lr {r['lr']:g}" + ("" if r["float_lr"] in (None, r["lr"] / 5) else
+                                                      f" float {r['float_lr']:g}") + f" s{r['seed']}"
+            ax.plot([c["tokens"] for c in r["curve"]], [min(y, top) for y in ys], color=colors[r["method"]],
+                    linestyle=styles[lrs.index((r["lr"], r["float_lr"] or 0)) % len(styles)],
+                    alpha=0.4 + 0.6 * (r["seed"] == 0), marker=".",
+                    label=label)
+            for c, y in zip(r["curve"], ys):
+                if y > top:
+                    ax.annotate(f"{y:.2f} (cut)", (c["tokens"], top), fontsize=7, color=colors[r["method"]])
     for ax, title in zip(axes, ("in-domain held-out (Persuasion, Hamlet)", "general held-out (Python docs)")):
         ax.set_title(title)
         ax.set_xlabel("tokens")

@@ -52,10 +52,12 @@ def largest_stable_lrs(hidden_size: int) -> tuple[float, float]:
 
 
 # Continued pre-training of a trained model (benchmarks/continued_pretraining.py; BENCHMARKS.md, 'Continued
-# pre-training'): the sweep on SmolLM2-135M (width 576, 4,096 tokens per step, float_lr = lr / 5) found APOLLO-
-# Mini's best peak lr at CONTINUE_FRACTION of the from-scratch stable lr at that width. The rule carries that
-# fraction to other widths along the from-scratch table (only width 576 was swept). Tokens per step do not
-# enter: the from-scratch probe found that a larger batch did not raise the stable lr.
+# pre-training of a real pretrained model'): the sweep on SmolLM2-135M (width 576, 4,096 tokens per step,
+# float_lr = lr / 5) found APOLLO-Mini's best peak lr at CONTINUE_FRACTION of the from-scratch stable lr at
+# that width (1e-4 / 3e-4 / 1e-3: 3e-4 best, 1e-3 blew the model up; the float tensors' lr at lr / 5 or at lr
+# ended within 0.003 nats). The rule carries that fraction to other widths along the from-scratch table
+# (only width 576 was swept). Tokens per step do not enter: from scratch a larger batch did not raise the
+# stable lr (not measured for continued training).
 CONTINUE_FRACTION = 0.1
 CONTINUE_FLOAT_RATIO = 5
 
@@ -82,9 +84,10 @@ def lr_notes(hidden_size: int, lr: float, float_lr: float, continued: bool, warm
     found stable from scratch, or the continued-training rule) and, continuing, a warmup shorter than
     continued_warmup."""
     if continued:
-        rule, what = continued_lrs(hidden_size), (f"the continued-training lr for width {hidden_size}",
-                                                  "BENCHMARKS.md, 'Continued pre-training'",
-                                                  "expect the trained model's loss to rise in the first steps")
+        rule, what = continued_lrs(hidden_size), (
+            f"the continued-training lr for width {hidden_size}",
+            "BENCHMARKS.md, 'Continued pre-training of a real pretrained model'",
+            "expect the trained model's loss to rise in the first steps")
     else:
         rule, what = largest_stable_lrs(hidden_size), (
             f"the largest peak lr the stability probe found stable at width {hidden_size}",
