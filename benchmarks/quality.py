@@ -112,12 +112,7 @@ def method_config(args, method: str, lr: float, seed: int) -> Config:
     return cfg
 
 
-def run_one(cfg: Config, method: str, done: dict) -> dict:
-    """Train one row, or take it from `done` (the rows an interrupted invocation finished)."""
-    key = f"{method} {cfg.optim.lr:g} {cfg.train.seed}"
-    if key in done:
-        print(f"{key}: finished earlier ({done[key]['commit']}), kept", flush=True)
-        return done[key]
+def run_one(cfg: Config, method: str) -> dict:
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
     if os.path.isdir(run_dir):  # a fresh run each time: never resume a stale ablation run
         import shutil
@@ -174,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run-root", default="checkpoints/quality")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny eval, results under /tmp")
+    ap.add_argument("--reverse", action="store_true",
+                    help="train the plan's rows from the last: a second process beside the first (rows either has "
+                         "finished are skipped; the one that ends last writes the results)")
     args = ap.parse_args(argv)
     global COMMIT
     COMMIT = commit()
@@ -185,19 +183,28 @@ def main(argv=None) -> int:
         args.tokenizer = ablation_tokenizer(args.vocab, args.run_root)
     setup = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size",
                                            "seq_len", "eval_tokens", "lr", "float_lr", "lean_lr", "vocab")}
-    # each finished row is kept at once: a rerun of the same command continues with the rows still missing
+    # each finished row is kept at once: a rerun of the same command continues with the rows still missing,
+    # and a second process with --reverse trains the plan from its end (both skip what the other finished)
     partial = os.path.join(args.out, f"{args.results_name}.partial.jsonl")
-    done = {}
-    if os.path.exists(partial):
-        for line in open(partial):
-            r = json.loads(line)
-            if r.pop("setup") == setup:
-                done[f"{r['method']} {r['lr']:g} {r['seed']}"] = r
-    rows = []
-    for m, lr, s in plan(args):
-        rows.append(run_one(method_config(args, m, lr, s), m, done))
+    runs = plan(args)
+    for m, lr, s in reversed(runs) if args.reverse else runs:
+        if row_key(m, lr, s) in finished_rows(partial, setup):
+            print(f"{row_key(m, lr, s)}: finished already, kept", flush=True)
+            continue
+        claim = f"{partial}.{m}_lr{lr:g}_s{s}.pid"
+        if not take(claim):
+            print(f"{row_key(m, lr, s)}: under way in process {open(claim).read()}, skipped", flush=True)
+            continue
+        row = run_one(method_config(args, m, lr, s), m)
         with open(partial, "a") as f:
-            f.write(json.dumps({**rows[-1], "setup": setup}) + "\n")
+            f.write(json.dumps({**row, "setup": setup}) + "\n")
+        os.remove(claim)
+    done = finished_rows(partial, setup)
+    missing = [row_key(*r) for r in runs if row_key(*r) not in done]
+    if missing:
+        print(f"rows still under way in another process: {', '.join(missing)}; it writes the results")
+        return 0
+    rows = [done[row_key(*r)] for r in runs]
     adamw = [r for r in rows if r["method"] == "adamw"]
     best = min(adamw, key=lambda r: r["val_loss"]) if adamw else None
     for r in rows:
@@ -207,13 +214,45 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{args.results_name}.json"), "w") as f:
         json.dump({"setup": setup, "machine": machine(), "commit": commits[0] if len(commits) == 1 else commits,
                    "runs": rows}, f, indent=1)
-    os.remove(partial)
+    if os.path.exists(partial):  # the process beside may have ended at the same moment
+        os.remove(partial)
     curves = {f"{r['method']} (s{r['seed']})": read_metrics(os.path.join(r["run_dir"], "metrics.jsonl"))
               for r in rows}
     plot_runs(curves, os.path.join(args.out, f"{args.results_name}.png"),
               title=f"LLaMA {args.hidden}x{args.layers}, {rows[0]['tokens']:,} tokens, shipped corpus")
     print(table(rows))
     return 0
+
+
+def take(claim: str) -> bool:
+    """Claim a row for this process (a file holding its pid); a claim whose process has ended is taken over."""
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(open(claim).read() or 0), 0)
+            return False  # its process is alive
+        except (ProcessLookupError, ValueError):
+            os.remove(claim)
+            return take(claim)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def row_key(method: str, lr: float, seed: int) -> str:
+    return f"{method} {lr:g} {seed}"
+
+
+def finished_rows(partial: str, setup: dict) -> dict:
+    """The rows of this setup finished so far (by this process, an interrupted one, or one beside it)."""
+    done = {}
+    if os.path.exists(partial):
+        for line in open(partial):
+            r = json.loads(line)
+            if r.pop("setup") == setup:
+                done[row_key(r["method"], r["lr"], r["seed"])] = r
+    return done
 
 
 def ablation_tokenizer(vocab: int, root: str) -> str:
