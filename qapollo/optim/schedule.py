@@ -72,9 +72,10 @@ def continued_lrs(hidden_size: int) -> tuple[float, float]:
 def continued_warmup(beta2: float, max_steps: int) -> int:
     """Warmup steps for fresh optimizer states on a trained model: 2 / (1 - beta2), the rule of thumb for
     Adam's second moment (Ma & Yarats 2021, 'On the adequacy of untuned warmup for adaptive optimization'),
-    at most a tenth of the run. The first Adam-type step is a sign step (the second
-    moment has seen one gradient) of full size in every element, and the next few are close to it: a trained
-    model feels that as a loss rise unless the lr is still small."""
+    at most a tenth of the run. The first Adam-type step is a sign step (the second moment has seen one
+    gradient) and the next few are close to it, several times a later step; a trained model feels that
+    unless the lr is still small (SmolLM2-135M with a 3-step warmup: APOLLO-Mini at 3e-4 took the training
+    loss from 3.92 to 4.79 in three steps; BENCHMARKS.md)."""
     return max(1, min(round(2 / (1 - beta2)), max_steps // 10))
 
 
