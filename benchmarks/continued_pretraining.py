@@ -327,7 +327,7 @@ def report(out_dir: str) -> None:
     print("| method | lr | float lr | seed | tokens | step 0 in-domain | in-domain | step 0 general | general |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        done = "" if r["complete"] else f" (diverged: stopped by the trainer after {r['curve'][-1]['step']} steps)" \
+        done = "" if r["complete"] else f" (diverged: stopped by the trainer after {r['curve'][-1]['step']} step(s))" \
             if r.get("diverged") else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
         flr = "–" if r["float_lr"] is None else f"{r['float_lr']:g}"
         print(f"| {r['method']} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
