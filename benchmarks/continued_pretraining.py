@@ -51,6 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.provenance import git_commit  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORK = os.environ.get("QAPOLLO_CPT_DIR", os.path.join(ROOT, "checkpoints", "cpt"))
@@ -260,8 +262,9 @@ def run(a) -> dict:
     run_dir = os.path.join(WORK, "runs", run_name(a))
     os.makedirs(run_dir, exist_ok=True)
     evals_path = os.path.join(run_dir, "evals.jsonl")
+    a.commit = git_commit()  # the code this process loaded, for its rows
     with open(os.path.join(run_dir, "args.json"), "w") as f:  # what `report` reads for a run under way
-        json.dump({k: getattr(a, k, None) for k in ("method", "lr", "float_lr", "seed", "tokens")}, f)
+        json.dump({k: getattr(a, k, None) for k in ("method", "lr", "float_lr", "seed", "tokens", "commit")}, f)
     r = AdamWRun(a, steps, run_dir) if a.method == "adamw" else QapolloRun(a, steps, run_dir)
     rows = [json.loads(x) for x in open(evals_path)] if os.path.exists(evals_path) else []
     rows = [x for x in rows if x["step"] <= r.step]  # points past the resumed state are measured again
@@ -299,12 +302,8 @@ def summarize(a, steps: int, rows: list[dict]) -> dict:
     return {"method": a.method, "lr": a.lr, "float_lr": float_lr(a), "seed": a.seed,
             "tokens": last["tokens"], "steps": steps, "step0_indomain": first["indomain"],
             "step0_general": first["general"], "indomain": last["indomain"], "general": last["general"],
-            "complete": last["step"] == steps, "diverged": last.get("diverged"), "curve": rows, "commit": commit()}
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
+            "complete": last["step"] == steps, "diverged": last.get("diverged"), "curve": rows,
+            "commit": getattr(a, "commit", None)}
 
 
 # ---- the report -------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from qapollo.config import Config, validate  # noqa: E402
 from qapollo.metrics import read_metrics  # noqa: E402
 from qapollo.model import weight_bytes  # noqa: E402
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
                          "finished are skipped; the one that ends last writes the results)")
     args = ap.parse_args(argv)
     global COMMIT
-    COMMIT = commit()
+    COMMIT = git_commit()
     if args.quick:
         args.eval_tokens, args.out, args.run_root = 8192, "/tmp/qapollo_quality", "/tmp/qapollo_quality/runs"
     os.makedirs(args.out, exist_ok=True)
@@ -264,16 +265,6 @@ def ablation_tokenizer(vocab: int, root: str) -> str:
     if not os.path.exists(os.path.join(out, "tokenizer.model")):
         train_tokenizer(sorted(glob.glob(os.path.join(CORPUS_DIR, "*.train.txt.xz"))), vocab, out)
     return out
-
-
-def commit() -> str:
-    """The commit the code ran on, marked when the working tree differed from it."""
-    import subprocess
-    here = os.path.dirname(HERE)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                           text=True).stdout
-    return sha.strip() + ("+modified" if dirty.strip() else "")
 
 
 def machine() -> str:
