@@ -33,6 +33,7 @@ rerunning the same command continues it, and a finished run is not run again. A 
 diverged (too many micro-batches in a row skipped by the spike guard) ends there, held-out losses measured
 at that point: `report` lists it as diverged. Rows go to
 checkpoints/cpt/runs/NAME/evals.jsonl; `report` gathers them into benchmarks/results/continued_pretraining.json.
+`report` also judges the issue's goals at each run length (benchmarks/continued_pretraining_report.py).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.continued_pretraining_report import goals, plot, print_goals  # noqa: E402
 from benchmarks.provenance import git_commit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -321,8 +323,6 @@ def report(out_dir: str) -> None:
            "tokens_per_step": BATCH * SEQ_LEN, "eval_tokens_per_set": EVAL_BLOCKS * SEQ_LEN,
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}", "runs": rows}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "continued_pretraining.json"), "w") as f:
-        json.dump(res, f, indent=1)
     print("| method | lr | float lr | seed | tokens | step 0 in-domain | in-domain | step 0 general | general |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -331,39 +331,11 @@ def report(out_dir: str) -> None:
         flr = "–" if r["float_lr"] is None else f"{r['float_lr']:g}"
         print(f"| {r['method']} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
               f"{r['indomain']:.4f} | {r['step0_general']:.4f} | {r['general']:.4f} |")
-    plot(rows, os.path.join(out_dir, "continued_pretraining.png"))
-
-
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"adamw": "tab:blue", "qapollo": "tab:orange", "qapollo_lean_lagged": "tab:green"}
-    styles = ("-", "--", ":", "-.")  # one per lr of a method, smallest first
-    for r in rows:
-        lrs = sorted({(x["lr"], x["float_lr"] or 0) for x in rows if x["method"] == r["method"]})
-        for ax, key in zip(axes, ("indomain", "general")):
-            ys = [c[key] for c in r["curve"]]
-            top = r["curve"][0][key] + 0.1  # a diverged run would squash the others: its points above are cut
-            label = f"{r['method']} lr {r['lr']:g}" + ("" if r["float_lr"] in (None, r["lr"] / 5) else
-                                                      f" float {r['float_lr']:g}") + f" s{r['seed']}"
-            ax.plot([c["tokens"] for c in r["curve"]], [min(y, top) for y in ys], color=colors[r["method"]],
-                    linestyle=styles[lrs.index((r["lr"], r["float_lr"] or 0)) % len(styles)],
-                    alpha=0.4 + 0.6 * (r["seed"] == 0), marker=".",
-                    label=label)
-            for c, y in zip(r["curve"], ys):
-                if y > top:
-                    ax.annotate(f"{y:.2f} (cut)", (c["tokens"], top), fontsize=7, color=colors[r["method"]])
-    for ax, title in zip(axes, ("in-domain held-out (Persuasion, Hamlet)", "general held-out (Python docs)")):
-        ax.set_title(title)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("loss (nats)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6)
-    fig.suptitle("Continued pre-training of SmolLM2-135M: qapollo vs float AdamW")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    res["goals"] = goals(rows)
+    print_goals(res["goals"])
+    with open(os.path.join(out_dir, "continued_pretraining.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot(rows, os.path.join(out_dir, "continued_pretraining.png"), BATCH * SEQ_LEN)
 
 
 def main(argv=None) -> int:
