@@ -142,11 +142,11 @@ class Trainer:
                                  f"{advice(plan)} (see `qapollo plan`)")
 
     def _note_lr(self) -> None:
-        """Say so when a peak lr is well above the rule for this width (from scratch, or continuing a trained
-        model) or when a continued run's warmup is short for fresh optimizer states."""
+        """Say so when a peak lr is far from the rule for this width (from scratch: above it; continuing a
+        trained model: above or below) or the warmup does not suit the run (schedule.lr_notes)."""
         m, o = self.cfg.model, self.cfg.optim
         if o.name != "adamw":
-            for note in lr_notes(m.hidden_size, o.lr, o.lr if o.float_lr is None else o.float_lr,
+            for note in lr_notes(m.hidden_size, o.lr, o.float_lr,
                                  continued=m.init_from is not None, warmup_steps=o.warmup_steps, beta2=o.beta2,
                                  max_steps=self.cfg.train.max_steps):
                 self._say(f"qapollo: note: {note}")

@@ -110,6 +110,7 @@ CASES = {
                                               "train.seq_len 128 exceeds model.max_position_embeddings 64", 0),
     "rank larger than the matrix": (lambda c: T(c, "optim.rank=200"),
                                     "optim.rank 200 is larger than the smallest side of a projection matrix (128)", 0),
+    "float_lr 0": (lambda c: T(c, "optim.float_lr=0"), "optim.float_lr must be > 0 (null: optim.lr)", 0),
     "batch_size 0": (lambda c: T(c, "train.batch_size=0"), "train.batch_size must be >= 1 (got 0)", 0),
     "log_every 0": (lambda c: T(c, "train.log_every=0"), "train.log_every must be >= 1 (got 0)", 0),
     "keep_checkpoints negative": (lambda c: T(c, "train.keep_checkpoints=-1"), "train.keep_checkpoints must be >= 0", 0),

@@ -42,7 +42,7 @@ def test_recipe_note_for_an_unstable_lr(capsys, tmp_path):
     tr._note_lr()
     out = capsys.readouterr()
     # against the largest lr found stable at width 4096 (1e-3), not the recipe's 7.5e-4
-    assert "optim.lr=0.01 is 10.0x the largest peak lr the stability probe found stable at width 4096" in \
+    assert "optim.lr=0.01 is 10.00x the largest peak lr the stability probe found stable at width 4096" in \
         out.out + out.err
     cfg = load_config(os.path.join(ROOT, "configs", "llama_7b.yaml"),
                       ["optim.lr=1.8e-3", f"train.output_dir={tmp_path}", "train.device=cpu"])
@@ -50,6 +50,11 @@ def test_recipe_note_for_an_unstable_lr(capsys, tmp_path):
     tr._note_lr()  # 2.4x the recipe's lr but 1.8x the largest stable one: no note
     out = capsys.readouterr()
     assert "note" not in out.out + out.err
+    cfg.optim.warmup_steps, cfg.train.max_steps = 2000, 500  # a preset's warmup on a short run: never peaks
+    Trainer(cfg, progress=False)._note_lr()
+    out = capsys.readouterr()
+    assert "optim.warmup_steps=2000 is over half of train.max_steps=500: the lr never reaches its peak" in \
+        out.out + out.err
 
 
 def test_retired_key_is_read_and_ignored(capsys):
@@ -95,15 +100,27 @@ def test_continued_note_compares_with_the_continued_rule(capsys, tmp_path):
     Trainer(cfg, progress=False)._note_lr()
     out = capsys.readouterr()
     text = out.out + out.err
-    assert "optim.lr=0.0005 is 1.7x" not in text  # under 2x the rule's 3e-4: no note
-    assert "optim.float_lr=0.0001 is 1.7x" not in text
+    assert "optim.lr=" not in text and "optim.float_lr" not in text  # 1.67x the rule's 3e-4 / 6e-5: no note
     assert "optim.warmup_steps=1 is short for fresh optimizer states on a trained model: 2000" in text
     cfg.optim.lr, cfg.optim.float_lr, cfg.optim.warmup_steps = 1e-3, 6e-5, 2000
     Trainer(cfg, progress=False)._note_lr()
     out = capsys.readouterr()
     text = out.out + out.err
-    assert "optim.lr=0.001 is 3.3x the continued-training lr for width 576 (0.0003;" in text
+    assert "optim.lr=0.001 is 3.33x the continued-training lr for width 576 (0.0003;" in text
     assert "float_lr" not in text and "warmup" not in text
+    cfg.optim.lr, cfg.optim.float_lr = 7.5e-5, None  # the preset's own width-4096 lr on a 576-wide model
+    Trainer(cfg, progress=False)._note_lr()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "optim.lr=7.5e-05 is 0.25x the continued-training lr for width 576 (0.0003;" in text
+    assert "it learns slower than it could" in text
+    # float_lr unset steps the float tensors at lr: 1.25x their rule (6e-05), neither high nor low
+    assert "float_lr" not in text
+    cfg.optim.lr = 1.5e-4  # float tensors at lr (unset): 2.5x their rule
+    Trainer(cfg, progress=False)._note_lr()
+    out = capsys.readouterr()
+    assert "optim.float_lr (unset: optim.lr)=0.00015 is 2.50x the continued-training lr" in out.out + out.err
+    cfg.optim.lr, cfg.optim.float_lr = 1e-3, 6e-5
     cfg.model.init_from = None  # the same lr from scratch is under the probe's largest stable 3e-3: no note
     Trainer(cfg, progress=False)._note_lr()
     out = capsys.readouterr()

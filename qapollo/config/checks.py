@@ -24,6 +24,7 @@ def validate(cfg: Config) -> None:
     need(0 <= o.limiter_decay < 1, "optim.limiter_decay must be in [0, 1)")
     need(o.update_proj_gap >= 1, "optim.update_proj_gap must be >= 1")
     need(o.lr > 0, "optim.lr must be > 0")
+    need(o.float_lr is None or o.float_lr > 0, "optim.float_lr must be > 0 (null: optim.lr)")
     need(o.lean_lr is None or (o.lean_lr > 0 and m.lean_head), "optim.lean_lr must be > 0, and needs model.lean_head=true "
          "(it is the lr of the int8 embedding and lm_head; null: optim.float_lr)")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")

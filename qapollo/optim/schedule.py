@@ -74,16 +74,17 @@ def continued_warmup(beta2: float, max_steps: int) -> int:
     Adam's second moment (Ma & Yarats 2021, 'On the adequacy of untuned warmup for adaptive optimization'),
     at most a tenth of the run. The first Adam-type step is a sign step (the second moment has seen one
     gradient) and the next few are close to it, several times a later step; a trained model feels that
-    unless the lr is still small (SmolLM2-135M with a 3-step warmup: APOLLO-Mini at 3e-4 took the training
+    unless the lr is still small (SmolLM2-135M with a 2-step warmup: APOLLO-Mini at 3e-4 took the training
     loss from 3.92 to 4.79 in three steps; BENCHMARKS.md)."""
     return max(1, min(round(2 / (1 - beta2)), max_steps // 10))
 
 
-def lr_notes(hidden_size: int, lr: float, float_lr: float, continued: bool, warmup_steps: int, beta2: float,
-             max_steps: int) -> list[str]:
-    """What `train` says at start-up about the peak lrs (more than 2x the rule for this width: the largest
-    found stable from scratch, or the continued-training rule) and, continuing, a warmup shorter than
-    continued_warmup."""
+def lr_notes(hidden_size: int, lr: float, float_lr: float | None, continued: bool, warmup_steps: int,
+             beta2: float, max_steps: int) -> list[str]:
+    """What `train` says at start-up about the peak lrs and the warmup: an lr more than 2x the rule for this
+    width (the largest found stable from scratch, or the continued-training rule); continuing, an lr under
+    half the rule (a preset's lrs are its own width's: a narrower model learns slower than it could) and a
+    warmup shorter than continued_warmup; a warmup over half the run (the lr peaks late or never)."""
     if continued:
         rule, what = continued_lrs(hidden_size), (
             f"the continued-training lr for width {hidden_size}",
@@ -94,10 +95,19 @@ def lr_notes(hidden_size: int, lr: float, float_lr: float, continued: bool, warm
             f"the largest peak lr the stability probe found stable at width {hidden_size}",
             "BENCHMARKS.md, 'Stable learning rates'",
             "expect loss spikes (the spike guard skips the worst; a larger batch did not raise the stable lr)")
-    notes = [f"{key}={x:g} is {x / ok:.1f}x {what[0]} ({ok:.3g}; {what[1]}): {what[2]}"
-             for key, x, ok in zip(("optim.lr", "optim.float_lr"), (lr, float_lr), rule) if x > 2 * ok]
+    keys = ("optim.lr", "optim.float_lr" if float_lr is not None else "optim.float_lr (unset: optim.lr)")
+    lrs = (lr, lr if float_lr is None else float_lr)
+    notes = [f"{key}={x:g} is {x / ok:.2f}x {what[0]} ({ok:.3g}; {what[1]}): {what[2]}"
+             for key, x, ok in zip(keys, lrs, rule) if x > 2 * ok]
+    if continued:
+        notes += [f"{key}={x:g} is {x / ok:.2f}x {what[0]} ({ok:.3g}; {what[1]}): it learns slower than it could "
+                  "(a preset's lrs are for its own width)" for key, x, ok in zip(keys, lrs, rule) if x < ok / 2]
     warm = continued_warmup(beta2, max_steps)
     if continued and warmup_steps < warm:
         notes.append(f"optim.warmup_steps={warmup_steps} is short for fresh optimizer states on a trained model: "
                      f"{warm} (2 / (1 - optim.beta2), at most a tenth of the run) lets them settle")
+    if warmup_steps > max_steps / 2:
+        notes.append(f"optim.warmup_steps={warmup_steps} is over half of train.max_steps={max_steps}: the lr "
+                     f"{'peaks late' if warmup_steps < max_steps else 'never reaches its peak'}; a tenth of the run "
+                     "is usual")
     return notes
