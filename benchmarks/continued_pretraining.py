@@ -257,6 +257,13 @@ class AdamWRun:
                                      "exp_avg_sq": t[f"v.{n}"]}
 
 
+def resumed_commits(run_dir: str, commit: str) -> str:
+    """A run resumed across sessions ran on every commit its processes loaded: 'a + b' in the order they ran."""
+    path = os.path.join(run_dir, "args.json")
+    seen = (json.load(open(path)).get("commit") or "").split(" + ") if os.path.exists(path) else []
+    return " + ".join([c for c in seen if c] + ([commit] if commit not in seen else []))
+
+
 def run(a) -> dict:
     """Train one (method, lr, seed) for a.tokens tokens; held-out losses at step 0, every eval point, the end."""
     sets = heldout_sets()
@@ -264,7 +271,7 @@ def run(a) -> dict:
     run_dir = os.path.join(WORK, "runs", run_name(a))
     os.makedirs(run_dir, exist_ok=True)
     evals_path = os.path.join(run_dir, "evals.jsonl")
-    a.commit = git_commit()  # the code this process loaded, for its rows
+    a.commit = resumed_commits(run_dir, git_commit())  # the code this process and the earlier ones loaded
     with open(os.path.join(run_dir, "args.json"), "w") as f:  # what `report` reads for a run under way
         json.dump({k: getattr(a, k, None) for k in ("method", "lr", "float_lr", "seed", "tokens", "commit")}, f)
     r = AdamWRun(a, steps, run_dir) if a.method == "adamw" else QapolloRun(a, steps, run_dir)

@@ -37,9 +37,11 @@ def best(rows: list[dict], method: str, steps: int) -> dict | None:
             "by_seed": {x["seed"]: (x["indomain"], x["general"]) for x in runs}}
 
 
-def gap(base: dict, other: dict) -> dict:
-    """other − base over the seeds both ran."""
+def gap(base: dict, other: dict) -> dict | None:
+    """other − base over the seeds both ran (None when they share none)."""
     seeds = sorted(set(base["by_seed"]) & set(other["by_seed"]))
+    if not seeds:
+        return None
     d = {k: [other["by_seed"][s][i] - base["by_seed"][s][i] for s in seeds] for i, k in enumerate(("indomain", "general"))}
     return {"seeds": seeds, **{k: mean(v) for k, v in d.items()}, **{f"{k}_by_seed": v for k, v in d.items()}}
 
@@ -51,10 +53,10 @@ def goals(rows: list[dict]) -> list[dict]:
         if b["adamw"] is None or b["qapollo"] is None:
             continue
         g = {"steps": steps, "tokens": b["adamw"]["tokens"], "best": b, "qapollo_vs_adamw": gap(b["adamw"], b["qapollo"])}
-        g["qapollo_met"] = within(g["qapollo_vs_adamw"], GOAL_QAPOLLO)
+        g["qapollo_met"] = None if g["qapollo_vs_adamw"] is None else within(g["qapollo_vs_adamw"], GOAL_QAPOLLO)
         if b["qapollo_lean_lagged"] is not None:
             g["lean_vs_qapollo"] = lean = gap(b["qapollo"], b["qapollo_lean_lagged"])
-            g["lean_met"] = within(lean, GOAL_LEAN)
+            g["lean_met"] = None if lean is None else within(lean, GOAL_LEAN)
         out.append(g)
     return out
 
@@ -86,25 +88,30 @@ def plot(rows: list[dict], path: str, tokens_per_step: int) -> None:
     import matplotlib.pyplot as plt
     lengths = sorted({r["steps"] for r in rows})
     fig, grid = plt.subplots(len(lengths), 2, figsize=(12, 4.5 * len(lengths)), squeeze=False)
+    lrs = sorted({lr_key(x) for x in rows})  # the same lr draws the same line in every method and panel
     for axes, steps in zip(grid, lengths):
-        panel(axes, [r for r in rows if r["steps"] == steps], f"{steps * tokens_per_step:,}-token runs")
+        panel(axes, [r for r in rows if r["steps"] == steps], f"{steps * tokens_per_step:,}-token runs", lrs)
     fig.suptitle("Continued pre-training of SmolLM2-135M: qapollo vs float AdamW")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def panel(axes, rows: list[dict], length: str) -> None:
+def lr_key(r: dict) -> tuple:
+    """A run's lr, and its float lr where a --float-lr probe set one."""
+    return r["lr"], 0 if shipped_ratio(r) else r["float_lr"]
+
+
+def panel(axes, rows: list[dict], length: str, lrs: list[tuple]) -> None:
     colors = {"adamw": "tab:blue", "qapollo": "tab:orange", "qapollo_lean_lagged": "tab:green"}
-    styles = ("-", "--", ":", "-.")  # one per lr of a method, smallest first
+    styles = ((0, (1, 1)), "--", "-", "-.", ":", (0, (5, 1)))  # one per lr (and float lr), smallest first
     for r in rows:
-        lrs = sorted({(x["lr"], x["float_lr"] or 0) for x in rows if x["method"] == r["method"]})
         label = f"{r['method']} lr {r['lr']:g}" + ("" if shipped_ratio(r) else f" float {r['float_lr']:g}") + \
             f" s{r['seed']}"
         for ax, key in zip(axes, ("indomain", "general")):
             ys = [c[key] for c in r["curve"]]
             top = r["curve"][0][key] + 0.1  # a diverged run would squash the others: its points above are cut
             ax.plot([c["tokens"] for c in r["curve"]], [min(y, top) for y in ys], color=colors[r["method"]],
-                    linestyle=styles[lrs.index((r["lr"], r["float_lr"] or 0)) % len(styles)],
+                    linestyle=styles[lrs.index(lr_key(r)) % len(styles)],
                     alpha=1.0 if r["seed"] == 0 else 0.5, marker="." if r["seed"] == 0 else "x", label=label)
             for c, y in zip(r["curve"], ys):
                 if y > top:

@@ -42,3 +42,9 @@ def test_goal_met_and_lengths_kept_apart():
             row("qapollo", 3e-4, 0, 3.60, 2.95), row("qapollo_lean_lagged", 3e-4, 0, 3.62, 2.97)]
     (g,) = goals(rows)  # the longer runs have no AdamW run yet: no goal for them
     assert g["steps"] == 25 and g["qapollo_met"] and "lean_vs_qapollo" not in g
+
+
+def test_no_shared_seed_is_no_verdict():
+    rows = [row("adamw", 3e-4, 0, 3.70, 3.00), row("qapollo", 3e-4, 1, 3.90, 3.20)]
+    (g,) = goals(rows)
+    assert g["qapollo_vs_adamw"] is None and g["qapollo_met"] is None
