@@ -3,7 +3,8 @@
 Every trainable tensor gets one updater:
   * projection matrices (int8 `Int8Linear` or float `nn.Linear.weight`): APOLLO / APOLLO-Mini
     (optim/apollo.py), or torch AdamW for the `adamw` baseline;
-  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW);
+  * embeddings, RMSNorms, lm_head: bitsandbytes 8-bit Adam used per tensor as a library (or torch AdamW),
+    through an fp32 copy when they are bf16 / fp16 and stochastically rounded back (model.float_store);
     with model.lean_head the embedding and lm_head are int8 and take APOLLO-Mini too: the embedding's
     gradient comes as its batch rows (model.RowGrad, `step_rows`), lm_head's slice by slice from inside
     the loss backward (loss.HeadGradSlices, `step_slices`), so neither gradient is ever whole.
@@ -39,7 +40,7 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import QapolloError
-from .model import Int8Linear, RowGrad, TiedGrad, int8_modules, matrix_names, tensor_seed, tied_int8
+from .model import Int8Linear, RowGrad, TiedGrad, float_store, int8_modules, matrix_names, tensor_seed, tied_int8
 from .optim.schedule import lr_at
 from .optim.factored import FactoredUpdater
 from .optim.updaters import ApolloUpdater, TorchAdamUpdater
@@ -63,10 +64,11 @@ def make_updaters(model: nn.Module, ocfg, seed: int, stochastic_round: bool, lag
     """One updater per trainable tensor (see the module docstring), keyed by the tensor's name."""
     mats = matrix_names(model)
     updaters = {}
+    store_for = lambda name: float_store(tensor_seed(seed, "sr:" + name)) if stochastic_round else None  # noqa: E731
 
     def apollo_on(name, target, stochastic):
         return ApolloUpdater(name, target, ocfg, tensor_seed(seed, "proj:" + name), tensor_seed(seed, "sr:" + name),
-                             stochastic, lagged, window)
+                             stochastic, lagged, window, store=store_for(name))
     for name, mod in int8_modules(model):
         if name not in mats and ocfg.lean_optim == "factored":  # model.lean_head's embedding / lm_head
             updaters[name] = FactoredUpdater(name, mod, ocfg, tensor_seed(seed, "sketch:" + name),
@@ -79,10 +81,10 @@ def make_updaters(model: nn.Module, ocfg, seed: int, stochastic_round: bool, lag
         if name in mats and ocfg.name != "adamw":
             updaters[name] = apollo_on(name, p, False)
         elif name in mats:
-            updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay)
+            updaters[name] = TorchAdamUpdater(name, p, "adamw", ocfg, ocfg.weight_decay, store=store_for(name))
         else:
             kind = "adamw" if ocfg.name == "adamw" else ocfg.float_optim
-            updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0)
+            updaters[name] = TorchAdamUpdater(name, p, kind, ocfg, 0.0, store=store_for(name))
     return updaters
 
 
@@ -96,11 +98,8 @@ class LayerwiseOptimizer:
     def __init__(self, model: nn.Module, ocfg, max_steps: int, seed: int = 0, stochastic_round: bool = True,
                  accum_mode: str = "exact", reducer=None, grad_accum_steps: int = 1):
         self.model, self.o, self.max_steps = model, ocfg, max_steps
-        # data parallel (distributed.GradAverager): every gradient is averaged over the ranks before its
-        # update; None in a single process
-        self.reducer = reducer
-        self.step_count = 0  # optimizer steps done
-        self.lr = 0.0
+        self.reducer = reducer  # data parallel: distributed.GradAverager (the module docstring); None: one process
+        self.step_count, self.lr = 0, 0.0  # optimizer steps done; the lr of the one under way
         self.hooks_enabled = True  # False: only accumulate (earlier micro-batches, two-phase tests)
         self.count_changes = False
         # K micro-batches per optimizer step; lagged mode needs K > 1 (with one micro-batch it is the exact step)

@@ -31,6 +31,15 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def float_store(seed: int):
+    """How an updater writes its fp32 result into a bf16 / fp16 float tensor (the embedding and lm_head of
+    a bf16 model): stochastically rounded (quant.round_float), the noise a function of (seed, the update's
+    key, element) as Int8Linear's is, so chunking and resuming do not change it."""
+    def store(values: torch.Tensor, dtype: torch.dtype, key: str, start: int) -> torch.Tensor:
+        return quant.round_float(values, dtype, quant.noise_key(tensor_seed(seed, key)) + start)
+    return store
+
+
 class _Int8LinearFn(torch.autograd.Function):
     """y = x Ŵᵀ with Ŵ dequantized on the fly; backward computes dx with the same Ŵ, then dW.
 

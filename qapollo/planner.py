@@ -13,18 +13,16 @@ of the step's phases on top of it, each with a function of its own:
               activation gradients; step 1 adds the startup guard's copy of the codes (compiled path)
     embed     the embedding's dense gradient + its optimizer update
 
-Names: tokens = batch·seq (N), vocab (V), hidden (h), inter (I), dtype_bytes (s: bf16 on CUDA, fp32 on
-the CPU unless model.dtype says otherwise). Saved activations per decoder layer are counted from the
-tensors HF's LlamaDecoderLayer keeps for backward (two RMSNorms (4+2s)·N·h each: fp32 input + normalized
-+ weighted output; attention 5·s·N·h: rotated q and k, v, SDPA output, its contiguous copy; MLP 4·s·N·I:
-gate, silu(gate), up, their product; q is heads·head_dim wide, families.head_dim; Qwen3's q/k norms add
-(4+s)·N per element of q and k, BENCHMARKS.md issue 29). With activation checkpointing only each layer's
-input (s·N·h) is kept and one layer is recomputed at a time.
+Names: tokens = batch·seq (N), vocab (V), hidden (h), inter (I), dtype_bytes (s: bf16 on CUDA, fp32 on the CPU unless
+model.dtype says otherwise). Saved activations per decoder layer are counted from the tensors HF's LlamaDecoderLayer
+keeps for backward (two RMSNorms (4+2s)·N·h each: fp32 input + normalized + weighted output; attention 5·s·N·h: rotated
+q and k, v, SDPA output, its contiguous copy; MLP 4·s·N·I: gate, silu(gate), up, their product; q is heads·head_dim
+wide, families.head_dim; Qwen3's q/k norms add (4+s)·N per element of q and k, BENCHMARKS.md issue 29). With activation
+checkpointing only each layer's input (s·N·h) is kept and one layer is recomputed at a time.
 
 What the prediction means: CUDA's `max_memory_allocated` (the ≈0.4 GiB context reported beside it); on the
-CPU, the peak of live tensor bytes of meter.LiveTensorCounter (`rss_bytes` adds the process's ≈0.45 GiB), with
-fp32 float params by default and bitsandbytes' CPU 8-bit Adam dequantizing both states to fp32 (≈18 bytes per
-element of transient). The measurements behind the constants are in BENCHMARKS.md.
+CPU, the peak of live tensor bytes of meter.LiveTensorCounter (`rss_bytes` adds the process's ≈0.45 GiB).
+The measurements behind the constants are in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -114,19 +112,19 @@ def step_of(cfg, device_type: str) -> Step:
 
 
 # ---- persistent ------------------------------------------------------------------------------------
-def float_optimizer_bytes(n: int, kind: str, s: int, device_type: str) -> tuple[int, int]:
-    """(persistent state bytes, transient bytes of one update) of one float tensor of n elements."""
-    if kind == "adam8bit":
-        if n < BNB_MIN_8BIT:
-            return 8 * n, 0
-        blocks = -(-n // BNB_BLOCK)
-        state = 2 * n + 2 * 4 * blocks
-        # CUDA: one fused kernel. CPU: both states dequantized to fp32, an fp32 grad copy, sqrt and the
-        # denominator (20 bytes/element; BENCHMARKS.md), for one row chunk at a time
-        transient = 0 if device_type == "cuda" else 20 * min(n, FLOAT_CHUNK_ELEMS)
-        return state, transient
-    # torch AdamW: exp_avg and exp_avg_sq like the param; sqrt and denominator temporaries (per chunk)
-    return 2 * s * n, 2 * s * min(n, FLOAT_CHUNK_ELEMS)
+def float_optimizer_bytes(n: int, kind: str, s: int, device_type: str, rounds: bool = False) -> tuple[int, int]:
+    """(persistent state bytes, transient bytes of one update) of one float tensor of n elements. rounds: a
+    bf16 / fp16 tensor stepped through an fp32 copy of each row chunk (it and its gradient: 8 bytes/element
+    beside the optimizer's transients) and stochastically rounded back (the copy, the noise as int64, two
+    int32 temporaries and the result: 22 bytes/element)."""
+    c = min(n, FLOAT_CHUNK_ELEMS)
+    if kind == "adam8bit":  # 32-bit states under BNB_MIN_8BIT elements; CUDA: one fused kernel; CPU: both states
+        # dequantized to fp32, an fp32 grad copy, sqrt and the denominator (20 B/element, BENCHMARKS.md) per chunk
+        state = 2 * n + 2 * 4 * -(-n // BNB_BLOCK) if n >= BNB_MIN_8BIT else 8 * n
+        transient = 0 if device_type == "cuda" or n < BNB_MIN_8BIT else 20 * c
+    else:  # torch AdamW: exp_avg, exp_avg_sq like the tensor it steps (fp32 when rounding); sqrt, denominator
+        state, transient = 2 * (4 if rounds else s) * n, 2 * (4 if rounds else s) * c
+    return state, max(transient + 8 * c, 22 * c) if rounds else transient
 
 
 def float_tensors(st: Step) -> list[int]:
@@ -348,7 +346,9 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool = True, worl
     """
     st = step_of(cfg, device_type)
     kind = "adamw" if cfg.optim.name == "adamw" else cfg.optim.float_optim
-    float_states = [float_optimizer_bytes(n, kind, st.s, device_type) for n in float_tensors(st)]
+    rounded = 0 if st.s == 4 or st.lean or not cfg.model.stochastic_round else 1 if st.tied else 2  # embed, head
+    float_states = [float_optimizer_bytes(n, kind, st.s, device_type, i < rounded)
+                    for i, n in enumerate(float_tensors(st))]
     components = persistent_bytes(cfg, st, float_states)
     persistent = sum(components.values())
     acts = activation_bytes(st, st.checkpointing)

@@ -130,6 +130,27 @@ def round_codes(r: torch.Tensor, stochastic: bool, noise_start=0) -> torch.Tenso
     return lo.add_(bits < t)
 
 
+def round_float(x: torch.Tensor, dtype: torch.dtype, noise_start=0) -> torch.Tensor:
+    """fp32 x stochastically rounded to a bf16 or fp16 tensor with the noise of elements noise_start, ...
+
+    The float tensors (embedding, lm_head) of a bf16 model are updated in fp32 and stored through this: an
+    Adam step of a trained model is mostly below half a bf16 ulp (0.05's ulp is 2^-12), and rounding to
+    nearest drops it. bf16 is fp32's upper half: adding 16 uniform bits to the lower half carries into the
+    upper with probability low/2^16, then truncating rounds the magnitude up with exactly the fraction's
+    probability, E = x exactly. fp16 takes the nearer neighbour or the other one with probability |x − r| /
+    |other − r| (sr_threshold's integer threshold: E = x to 2^-32 of an ulp)."""
+    bits = sr_bits(x.shape, noise_start, x.device)
+    if dtype == torch.bfloat16:
+        noise = bits.bitwise_and_(0xFFFF).to(torch.int32)
+        return x.view(torch.int32).add(noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    near = x.to(dtype)
+    nf = near.float()
+    other = torch.nextafter(near, torch.where(nf < x, math.inf, -math.inf).to(dtype))
+    frac = (x.double() - nf.double()).abs_().div_((other.double() - nf.double()).abs_())
+    t = frac.mul_(2.0 ** 32).to(torch.int64)  # 0 where x is exact (near == x)
+    return torch.where(bits < t, other, near)
+
+
 def quantize_groups(wg: torch.Tensor, scale_dtype: torch.dtype, stochastic: bool = False, noise_start=0):
     """Quantize fp32 groups (G, g) → (codes uint8 (G, g), scale (G,), zero uint8 (G,))."""
     scale, zero = compute_scale_zero(wg, scale_dtype)

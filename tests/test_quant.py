@@ -175,3 +175,43 @@ def test_update_is_unbiased_at_the_groups_extremes():
     err = ((w1 - (w0 + delta)) / s[:, None]).mean(0)  # in steps of the new grid (one per row)
     se = 0.5 / 4096 ** 0.5  # a Bernoulli rounding has std <= half a step
     assert err.abs().max() < 5 * se, (err[7].item(), err[90].item(), err.abs().max().item())
+
+
+# fp32 values for the bf16 / fp16 rounding: between grid points, exact grid points, negative, tiny, with
+# every dropped bit set
+FLOATS = [0.05123, -0.05123, 1.0001, -3.3e-3, 1.0, 0.0, 2.0 ** -130, -(1 + 2.0 ** -8 - 2.0 ** -23), 65000.5, 1e-7]
+
+
+def test_bf16_rounding_is_exactly_unbiased_over_the_whole_noise_range():
+    """round_float to bf16 adds 16 noise bits under the kept half and truncates: over all 2^16 noise values
+    the mean is x exactly, and only the two bf16 neighbours of x (or x itself when it is on the grid) occur."""
+    bits = torch.arange(1 << 16, dtype=torch.int64) * 0x10001  # every low half once (the high half is ignored)
+    for v in FLOATS:
+        x = torch.full((1 << 16,), v, dtype=torch.float32)
+        got = _float_with_bits(x, torch.bfloat16, bits)
+        assert got.double().mean().item() == x[0].double().item(), v
+        assert got.unique().numel() == (1 if x[0].to(torch.bfloat16).float() == x[0] else 2), v
+
+
+def test_fp16_rounding_unbiased():
+    """fp16 takes the other neighbour with probability |x − nearest| / ulp (a 32-bit threshold)."""
+    for v in FLOATS[:6]:
+        x = torch.full((400_000,), v)
+        got = quant.round_float(x, torch.float16, noise_start=99)
+        vals = got.unique()
+        assert vals.numel() <= 2 and got.dtype == torch.float16
+        if vals.numel() == 2:
+            ulp = (vals[1].double() - vals[0].double()).abs().item()
+            p = abs(v - vals[0].item()) / ulp
+            assert abs(got.double().mean().item() - v) < 5 * ulp * (p * (1 - p) / 400_000) ** 0.5 + 1e-12, v
+        else:
+            assert vals.item() == torch.tensor(v).half().item()
+
+
+def _float_with_bits(x, dtype, bits):
+    real = quant.sr_bits
+    quant.sr_bits = lambda shape, start, device: bits.reshape(shape).clone()
+    try:
+        return quant.round_float(x, dtype)
+    finally:
+        quant.sr_bits = real
