@@ -54,8 +54,8 @@ def largest_stable_lrs(hidden_size: int) -> tuple[float, float]:
 # Continued pre-training of a trained model (benchmarks/continued_pretraining.py; BENCHMARKS.md, 'Continued
 # pre-training of a real pretrained model'): the sweep on SmolLM2-135M (width 576, 4,096 tokens per step,
 # float_lr = lr / 5) found APOLLO-Mini's best peak lr at CONTINUE_FRACTION of the from-scratch stable lr at
-# that width (1e-4 / 3e-4 / 1e-3: 3e-4 best, 1e-3 blew the model up; the float tensors' lr at lr / 5 or at lr
-# ended within 0.003 nats). The rule carries that fraction to other widths along the from-scratch table
+# that width (1e-4 / 3e-4 / 1e-3: 3e-4 best, 1e-3 blew the model up; the float tensors at lr ended 0.006 /
+# 0.018 nats worse than at lr / 5). The rule carries that fraction to other widths along the from-scratch table
 # (only width 576 was swept). Tokens per step do not enter: from scratch a larger batch did not raise the
 # stable lr (not measured for continued training).
 CONTINUE_FRACTION = 0.1
