@@ -190,14 +190,18 @@ def test_chunked_float_update_equals_whole(kind, monkeypatch):
     assert torch.equal(out[0], out[1])
 
 
-def _small_steps(p, store, kind, steps=20, lr=6e-5, chunk=1 << 22, monkeypatch=None):
+def _small_steps(p, store, kind, steps=20, chunk=1 << 22, monkeypatch=None):
     """A trained model's float tensor: values ~0.1, an lr whose steps are below half a bf16 ulp; gradients
-    of a fixed direction (signal, the sign pattern of a seeded draw) under noise twice its size."""
+    of a fixed direction (signal, the sign pattern of a seeded draw) under noise twice its size. kind:
+    the float tensors' Adam (adam8bit, adamw) or APOLLO-Mini on a float matrix (model.weight_quant=false)."""
     from qapollo.optim import updaters
-    from qapollo.optim.updaters import TorchAdamUpdater
+    from qapollo.optim.updaters import ApolloUpdater, TorchAdamUpdater
     if monkeypatch is not None:
         monkeypatch.setattr(updaters, "FLOAT_CHUNK_ELEMS", chunk)
-    u = TorchAdamUpdater("w", p, kind, tiny_config().optim, 0.0, store=store)
+    if kind == "apollo":  # its step at scale 128 is larger per unit of lr
+        u, lr = ApolloUpdater("w", p, tiny_config().optim, 5, 6, False, store=store), 3e-5
+    else:
+        u, lr = TorchAdamUpdater("w", p, kind, tiny_config().optim, 0.0, store=store), 6e-5
     for g in _signal_grads(p.shape, steps):
         u.step(g.to(p.dtype), lr, False)
     return u
@@ -209,7 +213,7 @@ def _signal_grads(shape, steps):
     return [signal + 2 * torch.randn(shape, generator=gen) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("kind", ["adam8bit", "adamw"])
+@pytest.mark.parametrize("kind", ["adam8bit", "adamw", "apollo"])
 def test_bf16_float_tensor_takes_small_updates(kind):
     """Rounded to nearest, a bf16 tensor keeps almost none of a trained model's small Adam steps (SmolLM2's
     embedding: 9.5 % of elements moved in 74 steps); stochastically rounded (model.float_store) it moves as
