@@ -294,7 +294,8 @@ class TorchAdamUpdater:
                 start = (sl.start or 0) * math.prod(p.shape[1:])
                 view.detach().copy_(self.store(work.data, view.dtype, str(int(opt.state[work]["step"])), start))
                 work.data = torch.empty(0, device=p.device)
-            work.grad = None
+            else:
+                view.grad = None
             if count_changes:
                 changed += int((view.detach() != before).sum())
         p.grad = None
