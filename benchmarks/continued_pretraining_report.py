@@ -92,13 +92,13 @@ def plot(rows: list[dict], path: str, tokens_per_step: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lengths = sorted({r["steps"] for r in rows})
-    fig, grid = plt.subplots(len(lengths), 2, figsize=(12, 4.5 * len(lengths)), squeeze=False)
+    fig, grid = plt.subplots(len(lengths), 2, figsize=(16, 4.5 * len(lengths)), squeeze=False)
     lrs = sorted({lr_key(x) for x in rows})  # the same lr draws the same line in every method and panel
     for axes, steps in zip(grid, lengths):
         panel(axes, [r for r in rows if r["steps"] == steps], f"{steps * tokens_per_step:,}-token runs", lrs)
     fig.suptitle("Continued pre-training of SmolLM2-135M: qapollo vs float AdamW")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends sit outside the panels
 
 
 def lr_key(r: dict) -> tuple:
@@ -110,7 +110,8 @@ def panel(axes, rows: list[dict], length: str, lrs: list[tuple]) -> None:
     colors = {"adamw": "tab:blue", "qapollo": "tab:orange", "qapollo_lean_lagged": "tab:green"}
     styles = ((0, (1, 1)), "--", "-", "-.", ":", (0, (5, 1)))  # one per lr (and float lr), smallest first
     for r in rows:
-        label = " ".join([r["method"], *r.get("overrides", []), f"lr {r['lr']:g}"]) + \
+        probe = [o.split(".", 1)[-1] for o in r.get("overrides", [])]  # section names dropped: a shorter legend
+        label = " ".join([r["method"], *probe, f"lr {r['lr']:g}"]) + \
             ("" if shipped_ratio(r) else f" float {r['float_lr']:g}") + f" s{r['seed']}"
         color = "tab:purple" if r.get("overrides") else "0.6" if r.get("superseded") else colors[r["method"]]
         label += f" ({r['superseded']})" if r.get("superseded") else ""
@@ -128,4 +129,4 @@ def panel(axes, rows: list[dict], length: str, lrs: list[tuple]) -> None:
         ax.set_xlabel("tokens")
         ax.set_ylabel("loss (nats)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6)
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panel: never over a line
