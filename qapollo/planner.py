@@ -346,9 +346,8 @@ def predict_peak(cfg, device_type: str = "cuda", chunked_loss: bool = True, worl
     """
     st = step_of(cfg, device_type)
     kind = "adamw" if cfg.optim.name == "adamw" else cfg.optim.float_optim
-    rounded = 0 if st.s == 4 or st.lean or not cfg.model.stochastic_round else 1 if st.tied else 2  # embed, head
-    float_states = [float_optimizer_bytes(n, kind, st.s, device_type, i < rounded)
-                    for i, n in enumerate(float_tensors(st))]
+    rounds = st.s < 4 and cfg.model.stochastic_round  # bf16 / fp16 float tensors step through fp32 copies
+    float_states = [float_optimizer_bytes(n, kind, st.s, device_type, rounds) for n in float_tensors(st)]
     components = persistent_bytes(cfg, st, float_states)
     persistent = sum(components.values())
     acts = activation_bytes(st, st.checkpointing)
