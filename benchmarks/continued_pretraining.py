@@ -314,8 +314,7 @@ def run(a) -> dict:
 def summarize(a, steps: int, rows: list[dict]) -> dict:
     first, last = rows[0], rows[-1]
     return {"method": a.method, "lr": a.lr, "float_lr": float_lr(a), "overrides": getattr(a, "set", None) or [],
-            "seed": a.seed,
-            "tokens": last["tokens"], "steps": steps, "step0_indomain": first["indomain"],
+            "seed": a.seed, "tokens": last["tokens"], "steps": steps, "step0_indomain": first["indomain"],
             "step0_general": first["general"], "indomain": last["indomain"], "general": last["general"],
             "complete": last["step"] == steps, "diverged": last.get("diverged"), "curve": rows,
             "commit": getattr(a, "commit", None)}

@@ -64,7 +64,9 @@ def make_updaters(model: nn.Module, ocfg, seed: int, stochastic_round: bool, lag
     """One updater per trainable tensor (see the module docstring), keyed by the tensor's name."""
     mats = matrix_names(model)
     updaters = {}
-    store_for = lambda name: float_store(tensor_seed(seed, "sr:" + name)) if stochastic_round else None  # noqa: E731
+
+    def store_for(name):  # bf16 / fp16 float tensors: stochastically rounded stores, as the int8 ones
+        return float_store(tensor_seed(seed, "sr:" + name)) if stochastic_round else None
 
     def apollo_on(name, target, stochastic):
         return ApolloUpdater(name, target, ocfg, tensor_seed(seed, "proj:" + name), tensor_seed(seed, "sr:" + name),
