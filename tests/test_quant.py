@@ -182,13 +182,14 @@ def test_update_is_unbiased_at_the_groups_extremes():
 FLOATS = [0.05123, -0.05123, 1.0001, -3.3e-3, 1.0, 0.0, 2.0 ** -130, -(1 + 2.0 ** -8 - 2.0 ** -23), 65000.5, 1e-7]
 
 
-def test_bf16_rounding_is_exactly_unbiased_over_the_whole_noise_range():
+def test_bf16_rounding_is_exactly_unbiased_over_the_whole_noise_range(monkeypatch):
     """round_float to bf16 adds 16 noise bits under the kept half and truncates: over all 2^16 noise values
     the mean is x exactly, and only the two bf16 neighbours of x (or x itself when it is on the grid) occur."""
     bits = torch.arange(1 << 16, dtype=torch.int64) * 0x10001  # every low half once (the high half is ignored)
     for v in FLOATS:
         x = torch.full((1 << 16,), v, dtype=torch.float32)
-        got = _float_with_bits(x, torch.bfloat16, bits)
+        monkeypatch.setattr(quant, "sr_bits", lambda shape, start, device: bits.reshape(shape).clone())
+        got = quant.round_float(x, torch.bfloat16)
         assert got.double().mean().item() == x[0].double().item(), v
         assert got.unique().numel() == (1 if x[0].to(torch.bfloat16).float() == x[0] else 2), v
 
@@ -207,11 +208,3 @@ def test_fp16_rounding_unbiased():
         else:
             assert vals.item() == torch.tensor(v).half().item()
 
-
-def _float_with_bits(x, dtype, bits):
-    real = quant.sr_bits
-    quant.sr_bits = lambda shape, start, device: bits.reshape(shape).clone()
-    try:
-        return quant.round_float(x, dtype)
-    finally:
-        quant.sr_bits = real
