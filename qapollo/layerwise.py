@@ -64,7 +64,6 @@ def make_updaters(model: nn.Module, ocfg, seed: int, stochastic_round: bool, lag
     """One updater per trainable tensor (see the module docstring), keyed by the tensor's name."""
     mats = matrix_names(model)
     updaters = {}
-
     def store_for(name):  # bf16 / fp16 float tensors: stochastically rounded stores, as the int8 ones
         return float_store(tensor_seed(seed, "sr:" + name)) if stochastic_round else None
 
